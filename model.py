@@ -1,0 +1,221 @@
+"""Gaussian diffusion on the ab channels, the samplers, EMA, and checkpoints.
+
+The diffusion runs in "model space": ab_n (see utils.py) multiplied by `ab_scale`. Faces have an ab_n
+standard deviation near 0.12, far below the unit-variance noise; scaling ab up keeps the colour signal
+from drowning in noise at all but the last timesteps. L is never noised.
+"""
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unet import GreyscaleEncoder, UNet
+
+
+@dataclass
+class Config:
+    # model (all that inference needs: saved in every checkpoint)
+    image_size: int = 64
+    dim: int = 32
+    dim_mults: tuple = (1, 2, 4, 8)
+    dropout: float = 0.0
+    attention: bool = True
+    timesteps: int = 350
+    schedule: str = "cosine"      # "cosine" or "linear" (the original's)
+    ab_scale: float = 4.0         # ab_n is multiplied by this before noising
+    # data
+    data: str = "img_align_celeba"
+    cache_dir: str = "cache"
+    val_percent: float = 2.0      # files whose name hashes below this percentage are validation, never trained on
+    # training
+    out_dir: str = "runs/celeba64"
+    batch_size: int = 32          # global: split across processes under torchrun
+    lr: float = 3e-4              # for the global batch size
+    warmup_steps: int = 200
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    max_steps: int = 6000
+    log_every: int = 50
+    eval_every: int = 500         # validation loss + sample grid
+    ckpt_every: int = 250
+    num_workers: int = 0
+    seed: int = 0
+    device: str = "auto"          # auto, cpu, cuda
+    amp: str = "auto"             # bf16 autocast: auto (on), on, off
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
+        return cls(**d)
+
+    def to_dict(self):
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# noise schedules: both return alphas_cumprod (T,), float64
+
+def linear_schedule(T):
+    """The original's (denoising-diffusion-pytorch) linear betas, rescaled so any T ends fully noised."""
+    scale = 1000 / T
+    betas = torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64)
+    return torch.cumprod(1 - betas, 0)
+
+
+def cosine_schedule(T, s=0.008):
+    """Nichol & Dhariwal's cosine schedule."""
+    x = torch.linspace(0, T, T + 1, dtype=torch.float64)
+    ac = torch.cos((x / T + s) / (1 + s) * math.pi / 2) ** 2
+    betas = (1 - ac[1:] / ac[:-1]).clamp(0, 0.999)
+    return torch.cumprod(1 - betas, 0)
+
+
+SCHEDULES = {"linear": linear_schedule, "cosine": cosine_schedule}
+
+
+def q_sample(x0, t, noise, alphas_cumprod):
+    """Closed-form forward noising: x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise."""
+    a = alphas_cumprod[t].float().view(-1, *[1] * (x0.dim() - 1))
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+# ---------------------------------------------------------------------------------------------------------
+# samplers: pure functions of a denoiser eps = denoise(x_t, t) and the schedule
+
+def dynamic_threshold(x0, percentile=0.995, bound=1.0):
+    """Imagen's dynamic thresholding: clamp each sample to its `percentile` of |x0| (at least `bound`)
+    and rescale into [-bound, bound], so saturated pixels cannot drag the whole image off the data range."""
+    s = torch.quantile(x0.abs().flatten(1).float(), percentile, dim=1).clamp(min=bound)
+    s = s.view(-1, *[1] * (x0.dim() - 1)).to(x0.dtype)
+    return x0.clamp(-s, s) * (bound / s)
+
+
+def ddim_sample(denoise, x, alphas_cumprod, steps, eta=0.0, generator=None, threshold=None, callback=None):
+    """DDIM (Song et al.) from x = x_T over `steps` evenly spaced timesteps. eta=0 is deterministic."""
+    T = len(alphas_cumprod)
+    ts = torch.linspace(T - 1, 0, min(steps, T)).round().long().tolist()
+    for i, t in enumerate(ts):
+        a_t = alphas_cumprod[t].item()
+        a_prev = alphas_cumprod[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
+        eps = denoise(x, t).float()
+        x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        if threshold is not None:
+            x0 = threshold(x0)
+            eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+        x = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma ** 2, 0.0)) * eps
+        if sigma > 0:
+            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        if callback is not None:
+            callback(i, len(ts), x, x0)
+    return x
+
+
+def ddpm_sample(denoise, x, alphas_cumprod, **kwargs):
+    """The full ancestral DDPM loop over all T steps. DDIM over every timestep with eta=1 is exactly
+    DDPM's posterior q(x_{t-1} | x_t, x0) with variance beta-tilde, so one loop serves both."""
+    return ddim_sample(denoise, x, alphas_cumprod, steps=len(alphas_cumprod), eta=1.0, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+class ColorDiffusion(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        args = dict(dim=config.dim, dim_mults=config.dim_mults, dropout=config.dropout, attention=config.attention)
+        self.unet = UNet(**args)
+        self.encoder = GreyscaleEncoder(**args)
+        self.register_buffer("alphas_cumprod", SCHEDULES[config.schedule](config.timesteps), persistent=False)
+
+    def forward(self, lab, t=None, noise=None):
+        """Training loss for a batch of normalized LAB images (N, 3, H, W): MSE of the predicted ab noise.
+        Random timesteps and noise unless given. `forward` is the loss so that DistributedDataParallel wraps it."""
+        L, ab = lab[:, :1], lab[:, 1:] * self.config.ab_scale
+        if t is None:
+            t = torch.randint(0, self.config.timesteps, (lab.shape[0],), device=lab.device)
+        if noise is None:
+            noise = torch.randn(ab.shape, device=lab.device)
+        x_t = q_sample(ab, t, noise, self.alphas_cumprod)
+        pred = self.unet(torch.cat([L, x_t], dim=1), t, self.encoder(L))
+        return F.mse_loss(pred.float(), noise)
+
+    loss = forward
+
+    def denoiser(self, L):
+        """eps = denoise(x_t, t) for fixed greyscale L: the encoder runs here once, not at every step."""
+        feats = self.encoder(L)
+
+        def denoise(x, t):
+            t = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+            return self.unet(torch.cat([L, x.to(L.dtype)], dim=1), t, feats)
+        return denoise
+
+    @torch.no_grad()
+    def sample(self, L, steps=None, eta=0.0, dynamic_thresholding=False, generator=None, callback=None):
+        """L: (N, 1, H, W) in [-1, 1] -> ab_n (N, 2, H, W). steps=None runs the full DDPM loop;
+        otherwise DDIM with `steps` steps and `eta`. `callback(i, n, x_t, x0)` sees model-space tensors."""
+        s = self.config.ab_scale
+        x = torch.randn((L.shape[0], 2, *L.shape[2:]), generator=generator, device=L.device)
+        kwargs = dict(generator=generator, callback=callback,
+                      threshold=(lambda x0: dynamic_threshold(x0, bound=s)) if dynamic_thresholding else None)
+        if steps is None:
+            x = ddpm_sample(self.denoiser(L), x, self.alphas_cumprod, **kwargs)
+        else:
+            x = ddim_sample(self.denoiser(L), x, self.alphas_cumprod, steps, eta=eta, **kwargs)
+        return x / s
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    ema_p, p = list(ema.parameters()), list(model.parameters())
+    torch._foreach_lerp_(ema_p, p, 1 - decay)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checkpoints: one file, plain tensors and Python values only, so loading never unpickles code
+
+class CheckpointError(Exception):
+    pass
+
+
+def save_checkpoint(path, state):
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or not ({"ema", "model"} & ckpt.keys()):
+        raise CheckpointError(f"{path}: not a Color Diffusion checkpoint")
+    return ckpt
+
+
+def load_model(path, device="cpu", use_ema=True):
+    """A ready-to-sample model (eval mode, float32) from any checkpoint: training or shipped."""
+    ckpt = load_checkpoint(path)
+    model = ColorDiffusion(Config.from_dict(ckpt["config"]))
+    weights = ckpt["ema"] if use_ema and "ema" in ckpt else ckpt.get("model", ckpt.get("ema"))
+    model.load_state_dict({k: v.float() for k, v in weights.items()})
+    return model.to(device).eval()
+
+
+def export_inference_checkpoint(src, dst):
+    """Keep only what inference needs: the EMA weights in fp16 and the config."""
+    ckpt = load_checkpoint(src)
+    weights = ckpt.get("ema", ckpt.get("model"))
+    save_checkpoint(dst, {"config": ckpt["config"], "ema": {k: v.half() for k, v in weights.items()},
+                          "step": ckpt.get("step", 0)})

@@ -1,0 +1,202 @@
+"""Train Color Diffusion. One process:       python train.py --data img_align_celeba
+Many GPUs / machines, unchanged:           torchrun --nproc_per_node 8 train.py --data img_align_celeba
+
+Every flag is a field of model.Config; `--resume` continues <out-dir>/ckpt.pt exactly where it stopped.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import fields
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from dataset import load_split, make_loader
+from model import CheckpointError, ColorDiffusion, Config, ema_update, load_checkpoint, save_checkpoint
+from utils import bf16_is_fast, lab_to_rgb, pick_device, tensor_to_pil
+
+MODEL_FIELDS = ("image_size", "dim", "dim_mults", "dropout", "attention", "timesteps", "schedule", "ab_scale")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train the Color Diffusion model.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    defaults = Config()
+    for f in fields(Config):
+        default = getattr(defaults, f.name)
+        kind = {bool: lambda s: s.lower() in ("1", "true", "yes", "on"),
+                tuple: lambda s: tuple(int(x) for x in s.split(","))}.get(type(default), type(default))
+        # SUPPRESS: only flags given on the command line appear, so --resume can tell them from defaults
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=argparse.SUPPRESS,
+                       help=f"(default: {','.join(map(str, default)) if isinstance(default, tuple) else default})")
+    p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
+    args = vars(p.parse_args(argv))
+    return args.pop("resume"), args
+
+
+def lr_at(step, c: Config):
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < c.warmup_steps:
+        return c.lr * (step + 1) / c.warmup_steps
+    progress = min(1.0, (step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps))
+    return c.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def evaluate(ema, val, device, amp, n_loss=256, n_samples=8, steps=50):
+    """Validation loss with fixed timesteps and noise (comparable across evaluations), and a sample grid:
+    rows of greyscale | sample | ground truth."""
+    g = torch.Generator(device).manual_seed(1234)
+    batch = torch.stack([val[i] for i in range(min(n_loss, len(val)))]).to(device)
+    losses = []
+    with amp:
+        for chunk in batch.split(64):
+            t = torch.randint(0, ema.config.timesteps, (len(chunk),), generator=g, device=device)
+            noise = torch.randn((len(chunk), 2, *chunk.shape[2:]), generator=g, device=device)
+            losses.append(ema(chunk, t=t, noise=noise).item() * len(chunk))
+        truth = batch[:n_samples]
+        ab = ema.sample(truth[:, :1], steps=steps, generator=g)
+    grey = torch.cat([truth[:, :1], torch.zeros_like(truth[:, 1:])], 1)
+    rows = [lab_to_rgb(x) for x in (grey, torch.cat([truth[:, :1], ab.float()], 1), truth)]
+    grid = torch.cat([torch.cat(list(r), dim=-1) for r in rows], dim=-2)  # 3 rows, n_samples columns
+    return sum(losses) / len(batch), tensor_to_pil(grid)
+
+
+def main(argv=None):
+    resume, given = parse_args(argv)
+    distributed = "RANK" in os.environ
+    rank, world, local_rank = 0, 1, 0
+    if distributed:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+
+    out_dir = given.get("out_dir", Config.out_dir)
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    ckpt = None
+    if resume:
+        ckpt = load_checkpoint(ckpt_path)
+        changed = [k for k in MODEL_FIELDS if k in given and given[k] != Config.from_dict(ckpt["config"]).__dict__[k]]
+        if changed:
+            raise ValueError(f"cannot change the model's {', '.join(changed)} when resuming")
+        config = Config.from_dict({**ckpt["config"], **given})
+    else:
+        config = Config.from_dict(given)
+        if os.path.exists(ckpt_path):
+            raise ValueError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out-dir")
+    if config.batch_size % world:
+        raise ValueError(f"--batch-size {config.batch_size} is not divisible by {world} processes")
+
+    device = pick_device(config.device)
+    if distributed:
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    use_amp = config.amp == "on" or (config.amp == "auto" and bf16_is_fast(device))
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if use_amp else nullcontext()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    if rank == 0:  # decode the data once; the other ranks then read the cache
+        train_ds, val_ds = load_split(config.data, config.image_size, config.val_percent, config.cache_dir, config.seed)
+    if distributed:
+        dist.barrier()
+    if rank != 0:
+        train_ds, val_ds = load_split(config.data, config.image_size, config.val_percent, config.cache_dir, config.seed)
+    local_batch = config.batch_size // world
+    steps_per_epoch = len(train_ds) // world // local_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_ds)} training images are fewer than one batch of {config.batch_size}")
+
+    torch.manual_seed(config.seed)
+    model = ColorDiffusion(config).to(device, memory_format=torch.channels_last)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay)
+    step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+    net = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) \
+        if distributed else model
+
+    def checkpoint():
+        save_checkpoint(ckpt_path, {"config": config.to_dict(), "model": model.state_dict(), "ema": ema.state_dict(),
+                                    "optimizer": opt.state_dict(), "step": step})
+
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"{len(train_ds)} training / {len(val_ds)} validation images, {n_params / 1e6:.1f}M parameters, "
+              f"{world} process(es) on {device.type}, bf16 {'on' if use_amp else 'off'}, "
+              f"{'resuming at' if step else 'starting at'} step {step}", flush=True)
+    log = open(os.path.join(out_dir, "log.jsonl"), "a") if rank == 0 else None
+    bar = tqdm(total=config.max_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
+    t0, seen, running = time.time(), 0, None
+    try:
+        while step < config.max_steps:
+            epoch, skip = divmod(step, steps_per_epoch)
+            for batch in make_loader(train_ds, local_batch, epoch, skip, rank, world, config.seed, config.num_workers):
+                # seed from (step, rank): timesteps, noise and dropout are a function of where we are,
+                # so a resumed run draws exactly what the uninterrupted one would have
+                torch.manual_seed(config.seed * 1_000_003 + step * 1009 + rank)
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step, config)
+                batch = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                with amp:
+                    loss = net(batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                opt.step()
+                ema_update(ema, model, min(config.ema_decay, (1 + step) / (10 + step)))
+                step += 1
+                seen += len(batch) * world
+                running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+                if rank == 0:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{running:.4f}")
+                    if step % config.log_every == 0:
+                        rate = seen / (time.time() - t0)
+                        log.write(json.dumps({"step": step, "loss": round(running, 5), "lr": lr_at(step, config),
+                                              "img_per_s": round(rate, 2)}) + "\n")
+                        log.flush()
+                    if step % config.eval_every == 0 or step == config.max_steps:
+                        val_loss, grid = evaluate(ema, val_ds, device, amp)
+                        grid.save(os.path.join(out_dir, f"samples_{step:06d}.png"))
+                        log.write(json.dumps({"step": step, "val_loss": round(val_loss, 5)}) + "\n")
+                        log.flush()
+                        bar.write(f"step {step}: train loss {running:.4f}, val loss (EMA) {val_loss:.4f}, "
+                                  f"{seen / (time.time() - t0):.1f} img/s")
+                    if step % config.ckpt_every == 0 or step == config.max_steps:
+                        checkpoint()
+                if step >= config.max_steps:
+                    break
+    except KeyboardInterrupt:
+        if rank == 0:
+            checkpoint()
+            bar.close()
+            print(f"\ninterrupted at step {step}: checkpoint saved to {ckpt_path}; continue with --resume",
+                  file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+    bar.close()
+    if rank == 0:
+        print(f"done: {step} steps, checkpoint {ckpt_path}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")

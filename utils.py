@@ -1,0 +1,124 @@
+"""Colour conversion, image I/O and device choice: the bottom layer, no model code here.
+
+Model-space LAB ("normalized LAB") is used everywhere above this file:
+    L_n  = L / 50 - 1        L  in [0, 100]      -> L_n  in [-1, 1]
+    ab_n = ab / 110          ab in about +-110   -> ab_n in about [-1, 1]   (the original's scaling)
+"""
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+AB_NORM = 110.0
+
+# sRGB D65 matrices and white point, the same constants scikit-image uses, so both agree to float error.
+_RGB2XYZ = torch.tensor([[0.412453, 0.357580, 0.180423],
+                         [0.212671, 0.715160, 0.072169],
+                         [0.019334, 0.119193, 0.950227]])
+_XYZ2RGB = torch.linalg.inv(_RGB2XYZ)
+_WHITE = torch.tensor([0.95047, 1.0, 1.08883])
+
+
+class ImageError(Exception):
+    """A file that cannot be used as an image; the message is meant for the user."""
+
+
+def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) RGB in [0, 1] -> normalized LAB (N, 3, H, W)."""
+    rgb = rgb.float().clamp(0, 1)
+    lin = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+    xyz = torch.einsum("ij,njhw->nihw", _RGB2XYZ.to(rgb.device), lin)
+    xyz = xyz / _WHITE.to(rgb.device).view(1, 3, 1, 1)
+    f = torch.where(xyz > 0.008856, xyz.clamp(min=1e-12) ** (1 / 3), 7.787 * xyz + 16 / 116)
+    L = 116 * f[:, 1:2] - 16
+    a = 500 * (f[:, 0:1] - f[:, 1:2])
+    b = 200 * (f[:, 1:2] - f[:, 2:3])
+    return torch.cat([L / 50 - 1, a / AB_NORM, b / AB_NORM], dim=1)
+
+
+def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
+    """Normalized LAB (N, 3, H, W) -> RGB in [0, 1] (out-of-gamut colours are clipped)."""
+    lab = lab.float()
+    L = (lab[:, 0:1] + 1) * 50
+    a, b = lab[:, 1:2] * AB_NORM, lab[:, 2:3] * AB_NORM
+    fy = (L + 16) / 116
+    f = torch.cat([fy + a / 500, fy, fy - b / 200], dim=1)
+    xyz = torch.where(f > 0.2068966, f ** 3, (f - 16 / 116) / 7.787)
+    xyz = xyz.clamp(min=0) * _WHITE.to(lab.device).view(1, 3, 1, 1)
+    lin = torch.einsum("ij,njhw->nihw", _XYZ2RGB.to(lab.device), xyz)
+    lin = lin.clamp(min=0)
+    rgb = torch.where(lin > 0.0031308, 1.055 * lin ** (1 / 2.4) - 0.055, 12.92 * lin)
+    return rgb.clamp(0, 1)
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB image -> (1, 3, H, W) float in [0, 1]."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def tensor_to_pil(rgb: torch.Tensor) -> Image.Image:
+    """(3, H, W) or (1, 3, H, W) float in [0, 1] -> PIL RGB image."""
+    rgb = rgb.reshape(-1, *rgb.shape[-3:])[0]
+    arr = (rgb.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr)
+
+
+def load_image(path) -> Image.Image:
+    """Open, fully decode and EXIF-rotate an image, or raise ImageError with a one-line reason."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ImageError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise ImageError(f"{path}: is a folder, not an image")
+    if os.path.getsize(path) == 0:
+        raise ImageError(f"{path}: empty file")
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now so truncated files fail here, not later
+            return ImageOps.exif_transpose(img)
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image file") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{path}: cannot be decoded ({e})") from None
+
+
+def save_image(img: Image.Image, path) -> None:
+    """Save with the format chosen by the extension; written to a temporary file then renamed."""
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None:
+        raise ImageError(f"{path}: unknown image extension '{ext}'")
+    if fmt == "JPEG" and img.mode not in ("RGB", "L"):
+        img = img.convert("RGB")  # JPEG has no alpha
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp")
+    try:
+        img.save(tmp, format=fmt)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise ImageError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """bf16 autocast pays on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX): about 2x for training
+    here. Elsewhere the CPU emulates bf16 and it is slower than float32."""
+    if device.type == "cuda":
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
