@@ -63,7 +63,8 @@ class Config:
 def linear_schedule(T):
     """The original's (denoising-diffusion-pytorch) linear betas, rescaled so any T ends fully noised."""
     scale = 1000 / T
-    betas = torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64)
+    # clamped as in cosine_schedule: for T <= 20 the last betas reach 1 or more (alphas_cumprod 0 or negative)
+    betas = torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64).clamp(max=0.999)
     return torch.cumprod(1 - betas, 0)
 
 

@@ -169,7 +169,8 @@ def main(argv=None):
                         log.write(json.dumps({"step": step, "loss": round(running, 5), "lr": lr_at(step, config),
                                               "img_per_s": round(rate, 2)}) + "\n")
                         log.flush()
-                    if step % config.eval_every == 0 or step == config.max_steps:
+                    # no validation images (a small folder, --val-percent 0): nothing to evaluate
+                    if len(val_ds) and (step % config.eval_every == 0 or step == config.max_steps):
                         val_loss, grid = evaluate(ema, val_ds, device, amp)
                         grid.save(os.path.join(out_dir, f"samples_{step:06d}.png"))
                         log.write(json.dumps({"step": step, "val_loss": round(val_loss, 5)}) + "\n")
