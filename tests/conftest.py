@@ -1,0 +1,113 @@
+"""Shared fixtures for the core tests: a tiny synthetic photo folder, a folder of broken files, a tiny Config.
+
+Everything is generated from a fixed seed in pytest's temporary directory: no test needs the real CelebA
+data, the network, or the repository's own runs/ and cache/ folders.
+"""
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+torch.set_num_threads(1)  # the test machine has 2 cores, shared with other work
+
+N_IMAGES = 24
+IMAGE_W, IMAGE_H = 40, 48
+
+
+def synthetic_photo(rng: np.random.Generator, w=IMAGE_W, h=IMAGE_H) -> Image.Image:
+    """A smooth colourful 'photo': two-colour linear gradient plus a coloured ellipse (a 'face')."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    c0, c1, c2 = rng.uniform(0.1, 0.9, (3, 3)).astype(np.float32)
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = (np.cos(angle) * x / w + np.sin(angle) * y / h)
+    ramp = (ramp - ramp.min()) / (ramp.max() - ramp.min() + 1e-6)
+    img = c0 * (1 - ramp[..., None]) + c1 * ramp[..., None]
+    cx, cy = rng.uniform(0.3, 0.7) * w, rng.uniform(0.3, 0.7) * h
+    rx, ry = rng.uniform(0.15, 0.3) * w, rng.uniform(0.2, 0.35) * h
+    inside = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 < 1
+    img[inside] = 0.3 * img[inside] + 0.7 * c2
+    return Image.fromarray((img.clip(0, 1) * 255).round().astype(np.uint8), "RGB")
+
+
+@pytest.fixture(scope="session")
+def photo_dir(tmp_path_factory):
+    """24 RGB JPEGs of 40x48 (not square, so the centre crop is exercised), deterministic from a seed."""
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(1234)
+    for i in range(N_IMAGES):
+        synthetic_photo(rng).save(folder / f"img_{i:03d}.jpg", quality=95)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def bad_dir(tmp_path_factory):
+    """Two good photos and four unusable files: build_cache must skip the latter with a warning each."""
+    folder = tmp_path_factory.mktemp("bad_photos")
+    rng = np.random.default_rng(99)
+    synthetic_photo(rng).save(folder / "good_1.jpg", quality=95)
+    synthetic_photo(rng).save(folder / "good_2.png")
+    (folder / "text.jpg").write_text("this is not a JPEG\n")
+    (folder / "empty.png").write_bytes(b"")
+    full = folder / "full.jpg"
+    synthetic_photo(rng, 64, 64).save(full, quality=95)
+    data = full.read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    full.unlink()
+    synthetic_photo(rng).convert("L").save(folder / "grey.jpg", quality=95)
+    return folder
+
+
+BAD_FILES = ("text.jpg", "empty.png", "truncated.jpg", "grey.jpg")
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    from model import Config
+    return Config(image_size=16, dim=8, dim_mults=(1, 2), timesteps=50, batch_size=8, lr=1e-3,
+                  cache_dir=str(tmp_path / "cache"), out_dir=str(tmp_path / "run"), device="cpu", amp="off")
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory, photo_dir):
+    """A cache folder with photo_dir already decoded at 16 px, shared by the training tests so that
+    each run (and each torchrun rank) just reads it."""
+    from dataset import build_cache
+    cache = tmp_path_factory.mktemp("cache")
+    build_cache(str(photo_dir), 16, str(cache), workers=1)
+    return cache
+
+
+def train_args(data, cache, out, **flags):
+    """train.py flags for a tiny CPU run on the synthetic photos; keyword arguments override."""
+    base = dict(image_size=16, dim=8, dim_mults="1,2", timesteps=50, batch_size=8, lr=1e-3, warmup_steps=10,
+                val_percent=25, amp="off", device="cpu", log_every=1000, eval_every=1000, ckpt_every=1000,
+                num_workers=0, seed=0)
+    base.update(flags)
+    args = ["--data", str(data), "--cache-dir", str(cache), "--out-dir", str(out)]
+    for k, v in base.items():
+        args += ["--" + k.replace("_", "-"), str(v)]
+    return args
+
+
+def assert_state_equal(a, b, path="state"):
+    """Recursive exact comparison of checkpoint pieces (tensors with torch.equal)."""
+    assert type(a) is type(b), path
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_state_equal(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_state_equal(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
