@@ -1,0 +1,169 @@
+"""The web UI (app.py) driven in a real headless Chromium, against a tiny random-init checkpoint.
+
+A random model paints random colours, so the checks are about the plumbing: a result comes back, in colour,
+at the input's exact size; bad files give a clear message in the page and the server keeps serving; two
+users at once both get their results; a bad checkpoint is a one-line error. The browser tests need
+Debian's /usr/bin/chromium (skipped without it); Playwright drives it, no browser download.
+Re-take the README screenshot with: python visualization/screenshot_app.py
+"""
+import base64
+import io
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from model import ColorDiffusion, Config, save_checkpoint  # noqa: E402
+from visualization.screenshot_app import (CHROMIUM, colorize_and_wait, launch_chromium, open_app,  # noqa: E402
+                                          running_app, sample_urls, set_samples, wait_for_new_samples)
+
+W, H = 120, 90  # not square: the result must keep the input's exact size
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("app")
+    model = ColorDiffusion(Config(dim=8, dim_mults=(1, 2), image_size=16, timesteps=20))
+    save_checkpoint(d / "tiny.pt", {"config": model.config.to_dict(), "model": model.state_dict()})
+    y, x = np.mgrid[0:H, 0:W]
+    grey = (x * 2 + y) * 255 // (2 * W + H)
+    Image.fromarray(grey.astype(np.uint8), "L").save(d / "grey.png")
+    (d / "not_an_image.png").write_bytes(b"this is text, not a PNG\n" * 20)
+    Image.new("L", (7000, 6000), 128).save(d / "huge.png")       # 42 megapixels, a small file
+    with open(d / "big.png", "wb") as f:                          # over the 50 MB upload limit
+        f.truncate(51 * 1024 * 1024)
+    return d
+
+
+@pytest.fixture(scope="module")
+def url(files):
+    with running_app(files / "tiny.pt", log_path=files / "app.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser(url):
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is missing (apt install chromium): the browser tests need it")
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = launch_chromium(p)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, url):
+    page = open_app(browser, url)
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=url.rstrip("/"))
+    yield page
+    page.close()
+
+
+def fetch_image(page, src) -> Image.Image:
+    response = page.request.get(src)
+    assert response.ok, src
+    return Image.open(io.BytesIO(response.body()))
+
+
+def chroma(img: Image.Image) -> float:
+    rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+    return float((rgb.max(axis=2) - rgb.min(axis=2)).mean())
+
+
+def check_result(page, srcs, n=1):
+    assert len(srcs) == n
+    for src in srcs:
+        img = fetch_image(page, src)
+        assert img.size == (W, H)
+        assert chroma(img) > 1.0, "the result is grey"
+    before, after = [fetch_image(page, i.get_attribute("src")) for i in page.locator("#comparison img").all()]
+    assert before.size == after.size == (W, H)
+    assert np.array_equal(np.asarray(after), np.asarray(fetch_image(page, srcs[0])))
+
+
+def expect_message(page, text):
+    """A toast (gr.Error / gr.Warning / Gradio's own) with `text` shows up in the page."""
+    page.locator(".toast-body", has_text=text).first.wait_for(timeout=30_000)
+
+
+def drop_file(page, path):
+    """Drag-and-drop a file onto the photo input, as a user dropping it from the desktop."""
+    data = base64.b64encode(open(path, "rb").read()).decode()
+    transfer = page.evaluate_handle("""([b64, name]) => {
+        const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+        const dt = new DataTransfer(); dt.items.add(new File([bytes], name, {type: 'image/png'})); return dt; }""",
+                                    [data, os.path.basename(path)])
+    target = page.locator("#photo button.upload-container")
+    for event in ("dragenter", "dragover", "drop"):
+        target.dispatch_event(event, {"dataTransfer": transfer})
+    page.locator("#photo img").first.wait_for()
+
+
+def paste_file(page, path):
+    """Put an image on the clipboard and press the input's "Paste from clipboard" button."""
+    data = base64.b64encode(open(path, "rb").read()).decode()
+    page.evaluate("""async b64 => {
+        const blob = new Blob([Uint8Array.from(atob(b64), c => c.charCodeAt(0))], {type: 'image/png'});
+        await navigator.clipboard.write([new ClipboardItem({'image/png': blob})]); }""", data)
+    page.get_by_role("button", name="Paste from clipboard").click()
+    page.locator("#photo img").first.wait_for()
+
+
+def test_dropped_photo_is_colorized_at_full_size(page, files):
+    outside = []
+    local = ("http://127.0.0.1", "data:", "blob:")
+    page.on("request", lambda r: None if r.url.startswith(local) else outside.append(r.url))
+    page.reload()
+    drop_file(page, files / "grey.png")
+    seed = page.get_by_label("Seed", exact=True)
+    old_seed = seed.input_value()
+    check_result(page, colorize_and_wait(page))
+    assert seed.input_value() != old_seed, "the random seed used is shown"
+    assert outside == [], "the page must not reach the network"
+
+
+def test_bad_files_give_a_clear_message_and_the_server_keeps_serving(page, files):
+    page.get_by_role("button", name="Colorize").click()
+    expect_message(page, "Upload a photo (or click an example) first.")
+    chooser = page.locator("#photo input[type=file]")
+    chooser.set_input_files(files / "not_an_image.png")
+    expect_message(page, "Cannot use not_an_image.png: not an image file.")
+    chooser.set_input_files(files / "huge.png")
+    expect_message(page, "huge.png is too large: at most 40 megapixels")
+    chooser.set_input_files(files / "big.png")
+    expect_message(page, "exceed the maximum allowed size of 50.0 Mb")
+    assert page.locator("#photo img").count() == 0, "a rejected file stays out of the input"
+    paste_file(page, files / "grey.png")
+    check_result(page, colorize_and_wait(page))
+    assert "Traceback" not in (files / "app.log").read_text(), "a user's bad file is no server error"
+
+
+def test_two_users_at_once_both_get_their_results(browser, url, files):
+    first, second = open_app(browser, url), open_app(browser, url)
+    first.locator("#examples img").first.click()
+    first.locator("#photo img").first.wait_for()
+    drop_file(second, files / "grey.png")
+    set_samples(second, 3)
+    old = sample_urls(first)
+    first.get_by_role("button", name="Colorize").click()  # both requests are queued: one runs after the other
+    check_result(second, colorize_and_wait(second), n=3)
+    result = fetch_image(first, wait_for_new_samples(first, old)[0])
+    example = sorted(f for f in os.listdir(os.path.join(ROOT, "examples")) if f.endswith(".jpg"))[0]
+    assert result.size == Image.open(os.path.join(ROOT, "examples", example)).size
+    assert chroma(result) > 1.0
+
+
+@pytest.mark.parametrize("checkpoint", ["missing.pt", "not_an_image.png"])
+def test_bad_checkpoint_is_a_one_line_error(files, checkpoint):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "app.py"), "--checkpoint", str(files / checkpoint)],
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, GRADIO_ANALYTICS_ENABLED="False"))
+    assert r.returncode != 0
+    assert r.stderr.strip().startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
