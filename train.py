@@ -8,6 +8,7 @@ import copy
 import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -138,6 +139,9 @@ def main(argv=None):
         print(f"{len(train_ds)} training / {len(val_ds)} validation images, {n_params / 1e6:.1f}M parameters, "
               f"{world} process(es) on {device.type}, bf16 {'on' if use_amp else 'off'}, "
               f"{'resuming at' if step else 'starting at'} step {step}", flush=True)
+    # Ctrl-C, and the SIGTERM of a cluster's time limit or `kill`, save a checkpoint before exiting
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # background jobs start with SIGINT ignored
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     log = open(os.path.join(out_dir, "log.jsonl"), "a") if rank == 0 else None
     bar = tqdm(total=config.max_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     t0, seen, running = time.time(), 0, None

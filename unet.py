@@ -101,18 +101,16 @@ class GreyscaleEncoder(nn.Module):
         dims = level_dims(dim, dim_mults)
         self.levels = nn.ModuleList(
             Level(i, o, None, dropout, attention, is_last=n == len(dims) - 1) for n, (i, o) in enumerate(dims))
-        # The last level's resize would feed a level that does not exist, so it gets no gradient, and
-        # DistributedDataParallel then fails on the second step waiting for it. It is kept (checkpoints keep
-        # their keys) but frozen and never run.
-        self.levels[-1].resize.requires_grad_(False)
+        # nothing follows the last level: a resize there would be a parameter with no gradient, which also
+        # stalls DistributedDataParallel
+        self.levels[-1].resize = nn.Identity()
 
     def forward(self, L):
         x, feats = self.init_conv(L), []
         for level in self.levels:
             x = level.attn(level.block2(level.block1(x)))
             feats.append(x)
-            if len(feats) < len(self.levels):
-                x = level.resize(x)
+            x = level.resize(x)
         return feats
 
 

@@ -1,0 +1,130 @@
+"""Evaluate colorization on held-out colour photos: colorize each from its greyscale, compare with the truth.
+
+    python evaluate.py --data ../shared/data/celeba --num-images 64 --steps 50
+
+Metrics (mean over images), for our outputs and for the greyscale baseline (the input itself):
+  PSNR      on RGB, higher is better
+  dE00      mean CIEDE2000 colour difference per pixel (scikit-image), lower is better
+  CF        Hasler-Suesstrunk colourfulness M3 = sigma_rgyb + 0.3 mu_rgyb; dCF = |CF(outputs) - CF(truth)|
+Writes <out>/eval.md (a markdown table) and <out>/grid.png (rows: greyscale | ours | truth).
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+from skimage.color import deltaE_ciede2000, rgb2lab
+from tqdm import tqdm
+
+from dataset import center_crop_resize, is_validation, list_images
+from inference import DEFAULT_CHECKPOINT, DEFAULT_STEPS, colorize
+from model import CheckpointError, load_model
+from utils import ImageError, load_image, pick_device
+
+
+def psnr(a, b):
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * np.log10(255.0 ** 2 / max(mse, 1e-10))
+
+
+def colourfulness(rgb):
+    """Hasler & Suesstrunk (2003), M3, on 0-255 RGB."""
+    r, g, b = (rgb[..., i].astype(np.float64) for i in range(3))
+    rg, yb = r - g, 0.5 * (r + g) - b
+    return np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean())
+
+
+def delta_e(a, b):
+    return float(deltaE_ciede2000(rgb2lab(a / 255.0), rgb2lab(b / 255.0)).mean())
+
+
+def evaluate(model, truths, **sample_kwargs):
+    """truths: list of RGB uint8 arrays. Returns (metrics dict, list of output arrays)."""
+    rows = {k: [] for k in ("psnr", "de", "cf", "psnr_grey", "de_grey", "cf_truth")}
+    outputs = []
+    for i, truth in enumerate(tqdm(truths, desc="colorizing", leave=False)):
+        grey_img = Image.fromarray(truth).convert("L")
+        out = np.asarray(colorize(model, grey_img, seed=i, **sample_kwargs)[0])
+        grey = np.asarray(grey_img.convert("RGB"))
+        outputs.append(out)
+        rows["psnr"].append(psnr(out, truth))
+        rows["de"].append(delta_e(out, truth))
+        rows["cf"].append(colourfulness(out))
+        rows["psnr_grey"].append(psnr(grey, truth))
+        rows["de_grey"].append(delta_e(grey, truth))
+        rows["cf_truth"].append(colourfulness(truth))
+    m = {k: float(np.mean(v)) for k, v in rows.items()}
+    m["dcf"] = abs(m["cf"] - m["cf_truth"])
+    return m, outputs
+
+
+def markdown(m, label):
+    return "\n".join([
+        "| | PSNR (dB) ↑ | CIEDE2000 ↓ | colourfulness | dCF ↓ |",
+        "|---|---|---|---|---|",
+        f"| greyscale baseline | {m['psnr_grey']:.2f} | {m['de_grey']:.2f} | 0.0 | {m['cf_truth']:.1f} |",
+        f"| {label} | {m['psnr']:.2f} | {m['de']:.2f} | {m['cf']:.1f} | {m['dcf']:.1f} |",
+        f"| ground truth | ∞ | 0 | {m['cf_truth']:.1f} | 0 |",
+    ])
+
+
+def grid(truths, outputs, n=8):
+    rows = [np.concatenate([np.asarray(Image.fromarray(t).convert("L").convert("RGB")) for t in truths[:n]], 1),
+            np.concatenate(outputs[:n], 1), np.concatenate(truths[:n], 1)]
+    return Image.fromarray(np.concatenate(rows, 0))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    p.add_argument("--data", required=True, help="folder of colour photos (CelebA layout)")
+    p.add_argument("--split", choices=["val", "all"], default="val",
+                   help="val: only files of the checkpoint's held-out split (never trained on)")
+    p.add_argument("--num-images", type=int, default=64)
+    p.add_argument("--size", type=int, default=None, help="evaluation resolution (default: the model's)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="DDIM steps")
+    p.add_argument("--ddpm", action="store_true", help="the full DDPM loop instead of DDIM")
+    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--dynamic-threshold", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="eval")
+    args = p.parse_args(argv)
+
+    model = load_model(args.checkpoint, pick_device(args.device))
+    c = model.config
+    names = list_images(args.data)
+    if args.split == "val":
+        names = [n for n in names if is_validation(n, c.val_percent)]
+    truths = []
+    for name in names:
+        if len(truths) == args.num_images:
+            break
+        try:
+            img = load_image(os.path.join(args.data, name))
+        except ImageError as e:
+            print(f"warning: skipping {e}", file=sys.stderr)
+            continue
+        truths.append(np.asarray(center_crop_resize(img, args.size or c.image_size)))
+    if not truths:
+        raise ValueError(f"{args.data}: no images to evaluate")
+
+    steps = None if args.ddpm else args.steps
+    label = f"ours, {'DDPM ' + str(c.timesteps) if args.ddpm else f'DDIM {args.steps}'} steps" + \
+            (f", eta {args.eta}" if args.eta and not args.ddpm else "") + (", dyn. thr." if args.dynamic_threshold else "")
+    m, outputs = evaluate(model, truths, steps=steps, eta=args.eta, dynamic_thresholding=args.dynamic_threshold)
+    table = markdown(m, label)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "eval.md"), "w") as f:
+        f.write(f"{len(truths)} {args.split} images at {truths[0].shape[1]}x{truths[0].shape[0]}, "
+                f"checkpoint {os.path.basename(args.checkpoint)}\n\n{table}\n")
+    grid(truths, outputs).save(os.path.join(args.out, "grid.png"))
+    print(table)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (CheckpointError, ImageError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
