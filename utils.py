@@ -52,6 +52,37 @@ def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
     return rgb.clamp(0, 1)
 
 
+def _lab_to_linear(lab: torch.Tensor) -> torch.Tensor:
+    """Normalized LAB -> linear sRGB, unclipped: a channel outside [0, 1] means out of gamut."""
+    L = (lab[:, 0:1] + 1) * 50
+    fy = (L + 16) / 116
+    f = torch.cat([fy + lab[:, 1:2] * AB_NORM / 500, fy, fy - lab[:, 2:3] * AB_NORM / 200], dim=1)
+    xyz = torch.where(f > 0.2068966, f ** 3, (f - 16 / 116) / 7.787) * _WHITE.to(lab.device).view(1, 3, 1, 1)
+    return torch.einsum("ij,njhw->nihw", _XYZ2RGB.to(lab.device), xyz)
+
+
+def fit_to_gamut(lab: torch.Tensor, iters: int = 12, tol: float = 1e-5) -> torch.Tensor:
+    """Normalized LAB (N, 3, H, W) -> the same with each out-of-sRGB-gamut pixel's chroma scaled down
+    (bisection, to 1/2**iters) until it fits, keeping its L and hue. lab_to_rgb's per-channel clipping would
+    change the lightness of such pixels instead. Every L in [0, 100] fits at zero chroma."""
+    lab = lab.float()
+    lin = _lab_to_linear(lab)
+    bad = ((lin < -tol) | (lin > 1 + tol)).any(dim=1)  # (N, H, W)
+    if not bad.any():
+        return lab
+    lab = lab.permute(0, 2, 3, 1).clone()  # (N, H, W, 3): index the bad pixels
+    pix = lab[bad]  # (P, 3)
+    lo, hi = torch.zeros(len(pix), device=lab.device), torch.ones(len(pix), device=lab.device)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        trial = torch.cat([pix[:, :1], pix[:, 1:] * mid[:, None]], dim=1).T[None, :, :, None]  # (1, 3, P, 1)
+        lin = _lab_to_linear(trial)[0, :, :, 0]
+        ok = ((lin >= -tol) & (lin <= 1 + tol)).all(dim=0)
+        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
+    lab[bad] = torch.cat([pix[:, :1], pix[:, 1:] * lo[:, None]], dim=1)
+    return lab.permute(0, 3, 1, 2)
+
+
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB image -> (1, 3, H, W) float in [0, 1]."""
     arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
@@ -84,8 +115,9 @@ def load_image(path) -> Image.Image:
         raise ImageError(f"{path}: cannot be decoded ({e})") from None
 
 
-def save_image(img: Image.Image, path) -> None:
-    """Save with the format chosen by the extension; written to a temporary file then renamed."""
+def save_image(img: Image.Image, path, **params) -> None:
+    """Save with the format chosen by the extension; written to a temporary file then renamed.
+    `params` go to PIL's save (e.g. quality=95, or save_all=True for an animation)."""
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
     fmt = Image.registered_extensions().get(ext)
@@ -95,7 +127,7 @@ def save_image(img: Image.Image, path) -> None:
         img = img.convert("RGB")  # JPEG has no alpha
     tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp")
     try:
-        img.save(tmp, format=fmt)
+        img.save(tmp, format=fmt, **params)
         os.replace(tmp, path)
     except OSError as e:
         if os.path.exists(tmp):
