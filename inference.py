@@ -1,23 +1,43 @@
 """Colorize photos with a trained Color Diffusion checkpoint.
 
-    python inference.py --image-path photo.jpg --output photo_color.png
+    python inference.py --image-path photo.jpg                     # -> ./photo_color.jpg
+    python inference.py --image-path photo.jpg --output out.png --num-samples 4 --seed 0
+    python inference.py --image-path photos/                       # -> photos_color/, one file per image
+    python inference.py --image-path photo.jpg --save-gif steps.gif  # the denoising process, animated
 
 The model predicts ab at its own resolution (short side = the training size); ab is then upsampled to the
-input's full size and recombined with the input's own full-resolution L, so no detail is lost.
+input's full size and recombined with the input's own full-resolution L, so no detail is lost. A colour
+photo is colorized from its lightness alone. `python inference.py --help` lists every flag.
 """
+import argparse
+import math
 import os
+import sys
+import time
+
+# OpenMP threads that spin while they wait for each other collapse when another process keeps the cores busy:
+# one step of the default model went from ~30 ms to 0.2-1.8 s on 2 cores beside a training run, and stayed
+# at ~30-80 ms with passive waiting. For the command line only (before torch loads OpenMP); an explicit
+# OMP_WAIT_POLICY wins.
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
-from model import load_model
-from utils import lab_to_rgb, rgb_to_lab, tensor_to_pil
+from model import CheckpointError, load_model
+from utils import (ImageError, bf16_is_fast, fit_to_gamut, lab_to_rgb, load_image, pick_device, rgb_to_lab,
+                   save_image, tensor_to_pil)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CHECKPOINT = os.path.join(HERE, "checkpoints", "celeba64.pt")
 DEFAULT_STEPS = 50
+DEFAULT_BATCH = 16
+STRIP_PIXELS = 1 << 19  # recombine() works on horizontal strips of about this many pixels
+SAVE_PARAMS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}}  # PIL's default JPEG quality 75 blurs L
 
 
 def greyscale_rgb(img: Image.Image) -> tuple[torch.Tensor, Image.Image | None]:
@@ -26,47 +46,440 @@ def greyscale_rgb(img: Image.Image) -> tuple[torch.Tensor, Image.Image | None]:
     alpha = None
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA"):
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         alpha = img.getchannel("A")
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float32)
-        arr = arr / (65535.0 if arr.max() > 255 else 255.0)
-        rgb = torch.from_numpy(arr).clamp(0, 1)[None, None].expand(1, 3, *arr.shape)
+        if img.mode.startswith("I;16"):
+            top = 65535.0  # 16-bit, even when the picture happens to be dark
+        else:  # 32-bit int or float: guess the range from the values
+            peak = float(arr.max()) if arr.size else 0.0
+            top = 1.0 if img.mode == "F" and peak <= 1.0 else 255.0 if peak <= 255 else 65535.0
+        rgb = torch.from_numpy(arr / top).clamp(0, 1)[None, None].expand(1, 3, *arr.shape)
     else:
-        arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+        try:
+            arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+        except ValueError as e:  # e.g. a LAB-mode TIFF: PIL cannot convert it
+            raise ImageError(f"unsupported colour mode {img.mode} ({e})") from None
         rgb = torch.from_numpy(arr).permute(2, 0, 1)[None]
     return rgb.contiguous(), alpha
 
 
-def model_resolution(h, w, image_size, multiple=8):
+def model_resolution(h, w, image_size, multiple=8, max_aspect=4):
     """The size the model runs at: short side = image_size (the training scale), aspect kept, each side a
-    multiple of `multiple` so every UNet level divides evenly."""
-    s = image_size / min(h, w)
+    multiple of `multiple` so every UNet level divides evenly. The long side is capped at max_aspect x
+    image_size (a 1x5000 strip would otherwise run the model at 64x320000)."""
+    s = min(image_size / min(h, w), max_aspect * image_size / max(h, w))
     return (max(multiple, round(h * s / multiple) * multiple), max(multiple, round(w * s / multiple) * multiple))
 
 
-@torch.inference_mode()
-def colorize(model, img: Image.Image, steps=DEFAULT_STEPS, eta=0.0, num_samples=1, seed=None,
-             dynamic_thresholding=False, callback=None, amp=True):
-    """Colorize one image: returns `num_samples` PIL images (RGB, or RGBA if the input had alpha) at the
-    input's exact size. steps=None runs the full DDPM loop. callback(i, n, x_t, x0) sees each step."""
-    device = next(model.parameters()).device
+def model_size(model, h, w):
+    """model_resolution for this model's training size and UNet depth."""
+    c = model.config
+    return model_resolution(h, w, c.image_size, 2 ** (len(c.dim_mults) - 1))
+
+
+def model_input(model, img: Image.Image) -> torch.Tensor:
+    """The greyscale the model sees: (1, 1, h, w) normalized L at model_size, on the CPU."""
+    rgb, _ = greyscale_rgb(img)
+    h, w = model_size(model, *rgb.shape[-2:])
+    # antialiased resize of the image, then its L: the same path the training data took
+    return rgb_to_lab(F.interpolate(rgb, (h, w), mode="bicubic", antialias=True).clamp(0, 1))[:, :1]
+
+
+def recombine(img: Image.Image, ab: torch.Tensor) -> Image.Image:
+    """The input's own full-resolution L + ab (1, 2, h, w) upsampled to its size -> PIL RGB (RGBA if the
+    input had alpha). Colours outside sRGB lose chroma, not lightness, so the output keeps the input's L."""
     rgb, alpha = greyscale_rgb(img)
     H, W = rgb.shape[-2:]
-    L_full = rgb_to_lab(rgb)[:, :1]
-    h, w = model_resolution(H, W, model.config.image_size, 2 ** (len(model.config.dim_mults) - 1))
-    # antialiased resize of the image, then its L: the same path the training data took
-    L_small = rgb_to_lab(F.interpolate(rgb, (h, w), mode="bicubic", antialias=True).clamp(0, 1))[:, :1]
-    L_small = L_small.to(device).expand(num_samples, -1, -1, -1).contiguous(memory_format=torch.channels_last)
+    ab_full = F.interpolate(ab.float().cpu(), (H, W), mode="bilinear", align_corners=False)
+    out = Image.new("RGB", (W, H))
+    rows = max(1, STRIP_PIXELS // W)
+    for top in range(0, H, rows):  # in strips: a 12-megapixel photo's LAB temporaries would take gigabytes
+        L = rgb_to_lab(rgb[..., top:top + rows, :])[:, :1]
+        lab = fit_to_gamut(torch.cat([L, ab_full[..., top:top + rows, :]], dim=1))
+        out.paste(tensor_to_pil(lab_to_rgb(lab)), (0, top))
+    if alpha is not None:
+        out.putalpha(alpha)
+    return out
+
+
+@torch.inference_mode()
+def colorize_batch(model, images, steps=DEFAULT_STEPS, eta=0.0, num_samples=1, seed=None,
+                   dynamic_thresholding=False, callback=None, amp=None, batch_size=DEFAULT_BATCH):
+    """Colorize a list of PIL images: returns, per image, a list of `num_samples` PIL images at that image's
+    exact size. Images with the same model resolution are sampled together, up to `batch_size` rows (an image
+    with num_samples=K takes K rows). steps=None runs the full DDPM loop. With `seed`, the same call gives
+    the same result bit for bit. amp=None uses bf16 autocast where it is fast (utils.bf16_is_fast).
+    callback(i, n, x_t, x0) sees each step of each batch (model-space tensors, num_samples rows per image)."""
+    device = next(model.parameters()).device
+    amp = bf16_is_fast(device) if amp is None else amp
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        ab = model.sample(L_small, steps=steps, eta=eta, dynamic_thresholding=dynamic_thresholding,
-                          generator=generator, callback=callback)
-    outputs = []
-    for k in range(num_samples):  # one at a time: a full-size 4000x4000 LAB image is large
-        ab_full = F.interpolate(ab[k:k + 1].float().cpu(), (H, W), mode="bilinear", align_corners=False)
-        out = tensor_to_pil(lab_to_rgb(torch.cat([L_full, ab_full], dim=1)))
-        if alpha is not None:
-            out.putalpha(alpha)
-        outputs.append(out)
-    return outputs
+    smalls = [model_input(model, img) for img in images]
+    groups = {}  # model resolution -> indices, in order of first appearance
+    for i, L in enumerate(smalls):
+        groups.setdefault(tuple(L.shape[-2:]), []).append(i)
+    per_batch = max(1, batch_size // num_samples)
+    results = [None] * len(images)
+    for idx in groups.values():
+        for start in range(0, len(idx), per_batch):
+            chunk = idx[start:start + per_batch]
+            L = torch.cat([smalls[i] for i in chunk]).repeat_interleave(num_samples, dim=0)
+            L = L.to(device).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                ab = model.sample(L, steps=steps, eta=eta, dynamic_thresholding=dynamic_thresholding,
+                                  generator=generator, callback=callback)
+            for j, i in enumerate(chunk):  # one at a time: a full-size 4000x4000 LAB image is large
+                results[i] = [recombine(images[i], ab[j * num_samples + k][None]) for k in range(num_samples)]
+    return results
+
+
+def colorize(model, img: Image.Image, steps=DEFAULT_STEPS, eta=0.0, num_samples=1, seed=None,
+             dynamic_thresholding=False, callback=None, amp=None):
+    """Colorize one image: returns `num_samples` PIL images (RGB, or RGBA if the input had alpha) at the
+    input's exact size. steps=None runs the full DDPM loop. callback(i, n, x_t, x0) sees each step."""
+    return colorize_batch(model, [img], steps=steps, eta=eta, num_samples=num_samples, seed=seed,
+                          dynamic_thresholding=dynamic_thresholding, callback=callback, amp=amp,
+                          batch_size=num_samples)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the denoising process as an animation
+
+class GifRecorder:
+    """A colorize() callback that keeps at most `max_frames` steps as frames: the model's greyscale L with
+    the current x_t (or x0 prediction) as colour, samples side by side, upscaled (nearest) for visibility."""
+
+    def __init__(self, model, L_small, show="xt", max_frames=60, min_side=256):
+        self.L, self.scale = L_small.float().cpu(), model.config.ab_scale
+        self.show, self.max_frames = show, max_frames
+        self.zoom = max(1, math.ceil(min_side / min(L_small.shape[-2:])))
+        self.frames = []
+
+    def render(self, ab):
+        K = ab.shape[0]
+        rgb = lab_to_rgb(fit_to_gamut(torch.cat([self.L.expand(K, -1, -1, -1), ab.float().cpu()], dim=1)))
+        img = tensor_to_pil(torch.cat(list(rgb), dim=-1))  # samples side by side
+        return img.resize((img.width * self.zoom, img.height * self.zoom), Image.NEAREST)
+
+    def __call__(self, i, n, x_t, x0):
+        stride = math.ceil(n / self.max_frames)
+        if i % stride == 0 or i == n - 1:
+            self.frames.append(self.render((x_t if self.show == "xt" else x0) / self.scale))
+
+    def save(self, path, outputs):
+        """Save the frames, ending on the final full-resolution outputs (held for 2 s)."""
+        w, h = self.frames[-1].size
+        tile = (w // len(outputs), h)
+        final = Image.new("RGB", (w, h))
+        for k, out in enumerate(outputs):
+            final.paste(out.convert("RGB").resize(tile, Image.LANCZOS), (k * tile[0], 0))
+        frames = self.frames + [final]
+        save_image(frames[0], path, save_all=True, append_images=frames[1:], loop=0,
+                   duration=[80] * (len(frames) - 1) + [2000])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# command line
+
+class UsageError(Exception):
+    """A problem with the command line or the paths it names; the message is one line for the user."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other error here, instead of usage + error
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def parse_args(argv=None):
+    p = _Parser(
+        description="Colorize greyscale photos (a file or every image in a folder) with Color Diffusion.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--image-path", required=True, help="an image, or a folder of images")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="model checkpoint (.pt)")
+    p.add_argument("--output", help="output file (its extension picks the format: .png .jpg .webp .tif .bmp) "
+                   "or folder. Default: ./<name>_color.<ext> for a file, <folder>_color/ for a folder")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (inputs never are)")
+    p.add_argument("--skip-existing", action="store_true", help="leave images whose outputs exist alone")
+    p.add_argument("--steps", type=int, help=f"DDIM steps (default {DEFAULT_STEPS})")
+    p.add_argument("--ddpm", action="store_true", help="the full DDPM loop over all T timesteps (slow)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like noise")
+    p.add_argument("--num-samples", type=int, default=1,
+                   help="colorizations per image, written as <name>_0, <name>_1, ...")
+    p.add_argument("--seed", type=int, help="random seed: the same command gives the same output bit for bit")
+    p.add_argument("--dynamic-threshold", action="store_true", help="Imagen's dynamic thresholding of x0")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
+                   help="bf16 autocast; auto: on where bf16 is fast (CUDA, CPUs with AVX512-BF16/AMX)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, one per core)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="images sampled together (folders)")
+    p.add_argument("--save-gif", metavar="PATH", help="also save the denoising process as an animated GIF")
+    p.add_argument("--gif-show", choices=("xt", "x0"), default="xt",
+                   help="GIF frames show the noisy x_t or the model's current x0 prediction")
+    args = p.parse_args(argv)
+    if args.ddpm and args.steps is not None:
+        p.error("--ddpm runs all T timesteps: leave out --steps")
+    if args.ddpm and args.eta:
+        p.error("--ddpm is the eta=1 ancestral loop: leave out --eta")
+    for name in ("steps", "num_samples", "batch_size", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.eta < 0:
+        p.error("--eta must be >= 0")
+    if args.skip_existing and args.overwrite:
+        p.error("--skip-existing and --overwrite contradict each other")
+    return args
+
+
+def _writable_ext(path):
+    ext = os.path.splitext(path)[1].lower()
+    Image.init()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None or fmt not in Image.SAVE:
+        raise UsageError(f"{path}: cannot write '{ext or 'no extension'}' images "
+                         "(use .png, .jpg, .webp, .tif or .bmp)")
+    return fmt
+
+
+def _sample_paths(path, num_samples):
+    """`out.png` -> [out.png], or [out_0.png, out_1.png, ...] for several samples."""
+    if num_samples == 1:
+        return [path]
+    stem, ext = os.path.splitext(path)
+    return [f"{stem}_{k}{ext}" for k in range(num_samples)]
+
+
+def _same_file(a, b):
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_outputs(outputs, inputs, overwrite):
+    """Refuse to write over an input (ever) or over an existing file (without --overwrite)."""
+    for out in outputs:
+        if not os.path.lexists(out):
+            continue
+        if any(_same_file(out, i) for i in inputs) or os.path.abspath(out) in map(os.path.abspath, inputs):
+            raise UsageError(f"{out}: is an input; refusing to overwrite it (choose another --output)")
+        if os.path.isdir(out):
+            raise UsageError(f"{out}: is a folder")
+        if not overwrite:
+            raise UsageError(f"{out}: exists (pass --overwrite to replace it)")
+
+
+def _make_dir(folder):
+    if not folder:
+        return
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UsageError(f"{folder}: exists and is not a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{folder}: cannot create the output folder ({e.strerror or e})") from None
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{folder}: output folder is not writable")
+
+
+def _is_colour(img):
+    from dataset import is_greyscale  # lazily: it pulls in scikit-image
+    if img.mode in ("1", "L", "LA", "La", "F") or img.mode.startswith("I"):
+        return False
+    if max(img.size) > 1024:  # a subsample is plenty to tell colour from greyscale
+        img = img.reduce(math.ceil(max(img.size) / 1024))
+    return not is_greyscale(img)
+
+
+def _load(args, device):
+    if not os.path.exists(args.checkpoint):
+        if os.path.abspath(args.checkpoint) == DEFAULT_CHECKPOINT:
+            where = os.path.relpath(DEFAULT_CHECKPOINT)
+            where = DEFAULT_CHECKPOINT if where.startswith("..") else where
+            raise CheckpointError(f"no model at {where}: train one with train.py, or pass --checkpoint PATH "
+                                  "(e.g. runs/celeba64/ckpt.pt)")
+        raise CheckpointError(f"{args.checkpoint}: no such checkpoint")
+    try:
+        model = load_model(args.checkpoint, device)
+    except CheckpointError:
+        raise
+    except Exception as e:  # keys or shapes that do not match the checkpoint's own config
+        raise CheckpointError(f"{args.checkpoint}: weights do not fit the model ({type(e).__name__})") from None
+    return model.to(memory_format=torch.channels_last)
+
+
+def _sampler_kwargs(args):
+    return dict(steps=None if args.ddpm else (args.steps or DEFAULT_STEPS), eta=args.eta,
+                num_samples=args.num_samples, seed=args.seed, dynamic_thresholding=args.dynamic_threshold,
+                amp=None if args.amp == "auto" else args.amp == "on")
+
+
+def run_file(args, device):
+    src = args.image_path
+    stem, ext = os.path.splitext(os.path.basename(src))
+    from dataset import IMAGE_EXTENSIONS  # here, not at the top: dataset pulls in scikit-image
+    default_name = f"{stem}_color{ext if ext.lower() in IMAGE_EXTENSIONS else '.png'}"
+    out = args.output or default_name
+    if os.path.isdir(out) or out.endswith(os.sep) or (os.altsep and out.endswith(os.altsep)):
+        out = os.path.join(out, default_name)
+    fmt = _writable_ext(out)
+    outputs = _sample_paths(out, args.num_samples)
+    extra = [args.save_gif] if args.save_gif else []
+    if args.save_gif and os.path.splitext(args.save_gif)[1].lower() != ".gif":
+        raise UsageError(f"{args.save_gif}: --save-gif needs a .gif file name")
+    if args.skip_existing and all(os.path.exists(o) for o in outputs):
+        print(f"{out}: exists, skipped")
+        return 0
+    _check_outputs(outputs + extra, [src], args.overwrite)
+    for folder in {os.path.dirname(p) for p in outputs + extra}:
+        _make_dir(folder)
+
+    img = load_image(src)
+    try:
+        colour = _is_colour(img)
+    except ValueError as e:  # a mode PIL cannot convert to RGB, e.g. a LAB TIFF
+        raise ImageError(f"{src}: cannot convert its {img.mode} pixels ({e})") from None
+    if colour:
+        print(f"note: {src} is a colour photo: it is colorized from its greyscale version", file=sys.stderr)
+    model = _load(args, device)
+    kwargs = _sampler_kwargs(args)
+    recorder = GifRecorder(model, model_input(model, img), args.gif_show) if args.save_gif else None
+    bar = tqdm(unit="step", leave=False, file=sys.stderr, disable=None)  # shown on a terminal only
+
+    def callback(i, n, x_t, x0):
+        bar.total = n
+        bar.update(1)
+        if recorder:
+            recorder(i, n, x_t, x0)
+    t0 = time.time()
+    results = colorize(model, img, callback=callback, **kwargs)
+    seconds = time.time() - t0
+    bar.close()
+    if results[0].mode == "RGBA" and fmt == "JPEG":
+        print(f"note: JPEG has no transparency: {out} drops the alpha channel (.png keeps it)", file=sys.stderr)
+    for path, result in zip(outputs, results):
+        save_image(result, path, **SAVE_PARAMS.get(fmt, {}))
+        print(path)
+    if recorder:
+        recorder.save(args.save_gif, results)
+        print(args.save_gif)
+    print(f"colorized {src} ({img.width}x{img.height}) in {seconds:.1f} s", file=sys.stderr)
+    return 0
+
+
+def run_folder(args, device):
+    from dataset import IMAGE_EXTENSIONS  # here, not at the top: dataset pulls in scikit-image
+    src = os.path.normpath(args.image_path)
+    if args.save_gif:
+        raise UsageError("--save-gif works with a single image, not a folder")
+    out_dir = args.output or os.path.relpath(os.path.abspath(src) + "_color")  # "." -> ../<name>_color
+    if os.path.exists(out_dir) and _same_file(out_dir, src):
+        raise UsageError(f"{out_dir}: is the input folder; choose another --output")
+    try:
+        names = sorted(n for n in os.listdir(src) if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS
+                       and os.path.isfile(os.path.join(src, n)))
+    except OSError as e:
+        raise UsageError(f"{src}: cannot list the folder ({e.strerror or e})") from None
+    if not names:
+        raise UsageError(f"{src}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in this folder")
+    jobs = [(os.path.join(src, n), _sample_paths(os.path.join(out_dir, n), args.num_samples)) for n in names]
+    if args.skip_existing:
+        jobs = [(i, o) for i, o in jobs if not all(os.path.exists(p) for p in o)]
+        if len(jobs) < len(names):
+            print(f"skipping {len(names) - len(jobs)} image(s) whose outputs exist", file=sys.stderr)
+        if not jobs:
+            return 0
+    inputs = [i for i, _ in jobs]
+    existing = [p for _, outs in jobs for p in outs if os.path.lexists(p)]
+    if existing and not args.overwrite:
+        raise UsageError(f"{len(existing)} output(s) exist in {out_dir}, e.g. {existing[0]} "
+                         "(pass --overwrite to replace them, or --skip-existing)")
+    _check_outputs(existing, inputs, args.overwrite)
+    _make_dir(out_dir)
+    model = _load(args, device)
+    kwargs = _sampler_kwargs(args)
+    per_batch = max(1, args.batch_size // args.num_samples)
+
+    failed, colour, done = [], 0, 0
+    bar = tqdm(total=len(jobs), unit="img", dynamic_ncols=True, file=sys.stderr)
+    pending = {}  # model resolution -> [(input, outputs, PIL image)]
+
+    def flush(key):
+        nonlocal done
+        batch = pending.pop(key)
+        try:
+            results = colorize_batch(model, [img for _, _, img in batch], batch_size=per_batch * args.num_samples,
+                                     **kwargs)
+        except Exception as e:  # e.g. out of memory: report these files, go on with the rest
+            failed.extend(f"{i}: {type(e).__name__}: {e}".splitlines()[0] for i, _, _ in batch)
+            bar.update(len(batch))
+            return
+        for (i, outs, _), result in zip(batch, results):
+            try:
+                for path, r in zip(outs, result):
+                    save_image(r, path, **SAVE_PARAMS.get(_writable_ext(path), {}))
+                done += 1
+            except (ImageError, UsageError) as e:
+                failed.append(str(e))
+            bar.update(1)
+
+    for path, outs in jobs:
+        try:
+            img = load_image(path)
+            colour += _is_colour(img)  # also fails here, not mid-batch, on a mode PIL cannot convert
+            key = model_size(model, img.height, img.width)
+        except Exception as e:
+            failed.append(str(e) if isinstance(e, ImageError) else f"{path}: {type(e).__name__}: {e}")
+            bar.update(1)
+            continue
+        pending.setdefault(key, []).append((path, outs, img))
+        if len(pending[key]) >= per_batch:
+            flush(key)
+        elif sum(map(len, pending.values())) > 2 * per_batch:  # bound the decoded images held in memory
+            flush(max(pending, key=lambda k: len(pending[k])))
+    for key in list(pending):
+        flush(key)
+    bar.close()
+
+    if colour:
+        print(f"note: {colour} colour photo(s) were colorized from their greyscale version", file=sys.stderr)
+    print(f"colorized {done} of {len(jobs)} image(s) into {out_dir}", file=sys.stderr)
+    for line in failed:
+        print(f"failed: {line}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def main(argv=None):
+    """The command line; returns the exit status. Every expected failure is one 'error: ...' line."""
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # --help, or a flag error already printed: a status, not an exception
+        return e.code
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        device = pick_device(args.device)
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        if not os.path.exists(args.image_path):
+            raise UsageError(f"{args.image_path}: no such file or folder")
+        if os.path.isdir(args.image_path):
+            return run_folder(args, device)
+        return run_file(args, device)
+    except (UsageError, ImageError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except torch.OutOfMemoryError:
+        print("error: out of memory: try a smaller --batch-size or --num-samples, or --device cpu",
+              file=sys.stderr)
+    except Exception as e:  # an unexpected failure still gets one line; COLOR_DIFFUSION_DEBUG=1 shows the trace
+        if os.environ.get("COLOR_DIFFUSION_DEBUG"):
+            raise
+        print(f"error: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""inference.py: the colorize API and the command line.
+
+A tiny random-initialised checkpoint (dim 8, 16 px, 20 timesteps) is enough: these tests are about sizes,
+lightness, file formats, paths and errors, not colour quality. The command line runs in-process through
+inference.main(argv) (it returns the exit status); one subprocess checks a real process's exit code and stderr.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import inference  # noqa: E402
+from model import ColorDiffusion, Config, load_model, save_checkpoint  # noqa: E402
+from utils import rgb_to_lab  # noqa: E402
+
+TINY = Config(dim=8, dim_mults=(1, 2), image_size=16, timesteps=20)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    model = ColorDiffusion(TINY)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(str(path), {"config": TINY.to_dict(), "ema": model.state_dict()})
+    return str(path)
+
+
+@pytest.fixture
+def cli(ckpt, capsys, monkeypatch, tmp_path):
+    """cli(*args) -> (exit status, stdout, stderr); runs in tmp_path, so default outputs land there."""
+    monkeypatch.chdir(tmp_path)
+
+    def run(*args, checkpoint=ckpt):
+        code = inference.main([str(a) for a in args] + ["--checkpoint", checkpoint])
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run
+
+
+def photo(w, h, seed=0, mode="L"):
+    """A greyscale test picture with structure in both directions (gradients plus noise), so a wrong
+    orientation or a shifted L shows."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    v = 0.6 * x / max(w - 1, 1) + 0.3 * (y / max(h - 1, 1)) ** 2 + 0.1 * rng.random((h, w))
+    grey = Image.fromarray((v.clip(0, 1) * 255).round().astype(np.uint8), "L")
+    return grey if mode == "L" else grey.convert(mode)
+
+
+def colour_photo(w, h, seed=0):
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    rgb = np.stack([x / w, y / h, 0.5 + 0.3 * rng.random((h, w))], axis=-1)
+    return Image.fromarray((rgb.clip(0, 1) * 255).round().astype(np.uint8), "RGB")
+
+
+def lightness(img) -> np.ndarray:
+    """CIE L (0-100) of a PIL image, or of an (H, W) array of grey levels in [0, 1]."""
+    if isinstance(img, np.ndarray):
+        rgb = torch.from_numpy(img.astype(np.float32))[None, None].expand(1, 3, *img.shape)
+    else:
+        rgb = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    return ((rgb_to_lab(rgb)[0, 0] + 1) * 50).numpy()
+
+
+def assert_same_lightness(out_path, expected_L):
+    """The output keeps the input's lightness detail: only 8-bit rounding separates them."""
+    out_L = lightness(Image.open(out_path))
+    assert out_L.shape == expected_L.shape
+    diff = np.abs(out_L - expected_L)
+    assert diff.max() < 1.0 and diff.mean() < 0.25, (diff.max(), diff.mean())
+
+
+def chroma(path):
+    lab = rgb_to_lab(torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255)
+                     .permute(2, 0, 1)[None])
+    return float(lab[0, 1:].abs().mean() * 110)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sizes, lightness, formats
+
+@pytest.mark.parametrize("w,h", [(16, 16), (40, 24), (7, 53), (300, 180)])
+def test_output_has_input_size_and_lightness(cli, tmp_path, w, h):
+    src = tmp_path / "in.png"
+    photo(w, h).save(src)
+    code, out, err = cli("--image-path", src, "--steps", 5)
+    assert code == 0, err
+    result = tmp_path / "in_color.png"  # the default: <stem>_color<ext> in the current folder
+    assert out.split() == ["in_color.png"]
+    assert Image.open(result).size == (w, h)
+    assert Image.open(result).mode == "RGB"
+    assert_same_lightness(result, lightness(Image.open(src)))
+    assert chroma(result) > 0.5  # it is colour, not the greyscale back
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_alpha_is_kept(cli, tmp_path, mode):
+    grey = photo(30, 20)
+    alpha = Image.fromarray(np.tile(np.linspace(0, 255, 30, dtype=np.uint8), (20, 1)), "L")
+    img = grey.convert("RGBA" if mode == "RGBA" else "LA")
+    img.putalpha(alpha)
+    img.save(tmp_path / "a.png")
+    code, _, err = cli("--image-path", tmp_path / "a.png", "--steps", 3)
+    assert code == 0, err
+    out = Image.open(tmp_path / "a_color.png")
+    assert out.mode == "RGBA" and out.size == (30, 20)
+    assert np.array_equal(np.asarray(out.getchannel("A")), np.asarray(alpha))
+    assert_same_lightness(tmp_path / "a_color.png", lightness(grey))
+
+
+def test_16bit_palette_cmyk_and_bilevel_inputs(cli, tmp_path):
+    y, x = np.mgrid[0:24, 0:32]
+    wide = (x * 2000 + y * 50).astype(np.uint16)  # 16-bit over the whole range
+    dark = (x * 6 + y).astype(np.uint16)          # 16-bit, but all values below 255: still 16-bit, so near black
+    Image.fromarray(wide).save(tmp_path / "wide16.png")
+    Image.fromarray(dark).save(tmp_path / "dark16.png")
+    assert Image.open(tmp_path / "wide16.png").mode.startswith("I")
+    colour = colour_photo(32, 24)
+    colour.convert("P", palette=Image.Palette.ADAPTIVE, colors=64).save(tmp_path / "pal.png")
+    colour.convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    colour.convert("CMYK").save(tmp_path / "cmyk.tif")
+    photo(32, 24).convert("1").save(tmp_path / "bw.png")
+    expected = {
+        "wide16.png": lightness(wide / 65535.0),
+        "dark16.png": lightness(dark / 65535.0),
+        # PIL's own conversions define what a palette or CMYK file looks like
+        "pal.png": lightness(Image.open(tmp_path / "pal.png")),
+        "cmyk.jpg": lightness(Image.open(tmp_path / "cmyk.jpg").convert("RGB")),
+        "cmyk.tif": lightness(Image.open(tmp_path / "cmyk.tif").convert("RGB")),
+        "bw.png": lightness(Image.open(tmp_path / "bw.png")),
+    }
+    assert Image.open(tmp_path / "cmyk.jpg").mode == "CMYK"
+    for name, L in expected.items():
+        code, _, err = cli("--image-path", tmp_path / name, "--output", tmp_path / f"out_{name}.png", "--steps", 2)
+        assert code == 0, (name, err)
+        assert Image.open(tmp_path / f"out_{name}.png").size == (32, 24)
+        assert_same_lightness(tmp_path / f"out_{name}.png", L)
+    assert lightness(Image.open(tmp_path / "out_dark16.png.png")).max() < 5  # not stretched as if 8-bit
+
+
+def test_exif_rotated_jpeg_comes_out_as_displayed(cli, tmp_path):
+    img = photo(40, 24)  # stored 40 wide; EXIF orientation 6 displays it rotated, 24 wide and 40 high
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img.save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    shown = ImageOps.exif_transpose(Image.open(tmp_path / "rot.jpg"))
+    assert shown.size == (24, 40)
+    code, _, err = cli("--image-path", tmp_path / "rot.jpg", "--output", tmp_path / "rot_out.png", "--steps", 2)
+    assert code == 0, err
+    assert Image.open(tmp_path / "rot_out.png").size == (24, 40)
+    assert_same_lightness(tmp_path / "rot_out.png", lightness(shown))
+
+
+def test_colour_photo_is_noted_and_keeps_its_lightness(cli, tmp_path):
+    colour_photo(24, 30).save(tmp_path / "c.png")
+    code, _, err = cli("--image-path", tmp_path / "c.png", "--output", tmp_path / "c.tif", "--steps", 2)
+    assert code == 0, err
+    assert len([line for line in err.splitlines() if "colour photo" in line]) == 1
+    assert Image.open(tmp_path / "c.tif").format == "TIFF"  # the format follows the output's extension
+    assert_same_lightness(tmp_path / "c.tif", lightness(Image.open(tmp_path / "c.png")))
+    code, _, err = cli("--image-path", tmp_path / "c.png", "--output", tmp_path / "c.webp", "--steps", 2)
+    assert code == 0 and Image.open(tmp_path / "c.webp").format == "WEBP"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# folders, samples, seeds, samplers, GIF
+
+def test_folder_mode_does_every_image_and_lists_the_failures(cli, tmp_path):
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i, (w, h) in enumerate([(20, 24), (20, 24), (20, 24), (33, 17)]):  # 3 share a model size, 1 does not
+        photo(w, h, seed=i).save(src / f"ok_{i}.{'png' if i % 2 else 'jpg'}")
+    (src / "text.png").write_text("not an image")
+    (src / "empty.jpg").write_bytes(b"")
+    data = (src / "ok_0.jpg").read_bytes()
+    (src / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (src / "notes.txt").write_text("ignored: not an image extension")
+    (src / "sub").mkdir()
+    code, _, err = cli("--image-path", src, "--steps", 2, "--batch-size", 2)
+    assert code == 1
+    failed = [line for line in err.splitlines() if line.startswith("failed: ")]
+    assert sorted(line.split(":")[1].strip().split(os.sep)[-1] for line in failed) == \
+        ["empty.jpg", "text.png", "truncated.jpg"]
+    out = tmp_path / "photos_color"
+    assert sorted(os.listdir(out)) == ["ok_0.jpg", "ok_1.png", "ok_2.jpg", "ok_3.png"]
+    for i in range(4):
+        name = f"ok_{i}.{'png' if i % 2 else 'jpg'}"
+        assert Image.open(out / name).size == Image.open(src / name).size
+    assert_same_lightness(out / "ok_1.png", lightness(Image.open(src / "ok_1.png")))
+    # a second run refuses to replace them; --skip-existing leaves them; the input folder is never the output
+    assert cli("--image-path", src, "--steps", 2)[0] == 1
+    code, _, err = cli("--image-path", src, "--steps", 2, "--skip-existing")
+    assert code == 1 and "skipping 4" in err  # the 3 bad files still fail
+    code, _, err = cli("--image-path", src, "--output", src, "--overwrite")
+    assert code == 1 and err.startswith("error: ") and len(err.splitlines()) == 1
+
+
+def test_num_samples_differ_and_seed_is_bit_for_bit(cli, tmp_path):
+    photo(24, 20).save(tmp_path / "p.png")
+    assert cli("--image-path", tmp_path / "p.png", "--num-samples", 3, "--seed", 7, "--steps", 4)[0] == 0
+    samples = [np.asarray(Image.open(tmp_path / f"p_color_{k}.png")) for k in range(3)]
+    assert not (tmp_path / "p_color.png").exists()
+    assert all(s.shape == (20, 24, 3) for s in samples)
+    assert not np.array_equal(samples[0], samples[1]) and not np.array_equal(samples[1], samples[2])
+    assert cli("--image-path", tmp_path / "p.png", "--output", tmp_path / "again.png", "--num-samples", 3,
+               "--seed", 7, "--steps", 4)[0] == 0
+    for k in range(3):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / f"again_{k}.png")), samples[k])
+    # stochastic samplers are reproducible too, and another seed differs
+    for seed, name in [(3, "s3a.png"), (3, "s3b.png"), (4, "s4.png")]:
+        assert cli("--image-path", tmp_path / "p.png", "--output", tmp_path / name, "--seed", seed,
+                   "--steps", 4, "--eta", 1, "--dynamic-threshold")[0] == 0
+    a, b, c = (np.asarray(Image.open(tmp_path / n)) for n in ("s3a.png", "s3b.png", "s4.png"))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_ddpm_and_gif(cli, tmp_path):
+    photo(20, 16).save(tmp_path / "g.png")
+    code, _, err = cli("--image-path", tmp_path / "g.png", "--ddpm", "--save-gif", tmp_path / "steps.gif",
+                       "--num-samples", 2)
+    assert code == 0, err
+    gif = Image.open(tmp_path / "steps.gif")
+    assert gif.format == "GIF" and gif.n_frames == TINY.timesteps + 1  # every DDPM step, then the result
+    assert gif.width >= 2 * 256 and gif.height >= 256  # two samples side by side, upscaled
+    assert Image.open(tmp_path / "g_color_1.png").size == (20, 16)
+    code, _, err = cli("--image-path", tmp_path / "g.png", "--ddpm", "--steps", 5)
+    assert code == 2 and "--ddpm" in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# outputs are never clobbered; errors are one line
+
+def test_overwrite_rules_and_input_is_never_overwritten(cli, tmp_path):
+    photo(16, 16).save(tmp_path / "x.png")
+    original = (tmp_path / "x.png").read_bytes()
+    assert cli("--image-path", tmp_path / "x.png", "--output", tmp_path / "y.png", "--steps", 2)[0] == 0
+    first = (tmp_path / "y.png").read_bytes()
+    code, _, err = cli("--image-path", tmp_path / "x.png", "--output", tmp_path / "y.png", "--steps", 3)
+    assert code == 1 and "--overwrite" in err and (tmp_path / "y.png").read_bytes() == first
+    code, _, err = cli("--image-path", tmp_path / "x.png", "--output", tmp_path / "y.png", "--steps", 3,
+                       "--seed", 1, "--overwrite")
+    assert code == 0 and (tmp_path / "y.png").read_bytes() != first
+    for output in ("x.png", tmp_path / "x.png", tmp_path / "." / "x.png"):
+        code, _, err = cli("--image-path", tmp_path / "x.png", "--output", output, "--overwrite")
+        assert code == 1 and "input" in err
+    (tmp_path / "link.png").symlink_to(tmp_path / "x.png")
+    assert cli("--image-path", tmp_path / "x.png", "--output", tmp_path / "link.png", "--overwrite")[0] == 1
+    assert (tmp_path / "x.png").read_bytes() == original
+
+
+def test_bad_inputs_give_one_error_line(cli, tmp_path, ckpt):
+    photo(16, 16).save(tmp_path / "ok.png")
+    (tmp_path / "text.jpg").write_text("hello")
+    (tmp_path / "zero.png").write_bytes(b"")
+    photo(64, 64).save(tmp_path / "full.jpg")
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 3])
+    (tmp_path / "afile").write_text("a file, not a folder")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    ok = tmp_path / "ok.png"
+    cases = [
+        (["--image-path", tmp_path / "missing.png"], ckpt, "missing.png"),
+        (["--image-path", tmp_path / "text.jpg"], ckpt, "not an image"),
+        (["--image-path", tmp_path / "zero.png"], ckpt, "empty"),
+        (["--image-path", tmp_path / "cut.jpg"], ckpt, "cut.jpg"),
+        (["--image-path", ok, "--output", tmp_path / "afile" / "out.png"], ckpt, "afile"),
+        (["--image-path", ok, "--output", tmp_path / "out.xyz"], ckpt, ".xyz"),
+        (["--image-path", ok, "--save-gif", tmp_path / "anim.png"], ckpt, ".gif"),
+        (["--image-path", ok], str(tmp_path / "bad.pt"), "bad.pt"),
+        (["--image-path", ok], str(tmp_path / "nope.pt"), "nope.pt"),
+        (["--image-path", ok, "--device", "nonsense"], ckpt, "nonsense"),
+    ]
+    for args, checkpoint, needle in cases:
+        code, out, err = cli(*args, checkpoint=checkpoint)
+        assert code != 0, args
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and needle in err, (args, err)
+    assert not list(tmp_path.glob("*_color*"))
+
+
+def test_missing_default_checkpoint(tmp_path, monkeypatch, capsys):
+    photo(16, 16).save(tmp_path / "ok.png")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(inference, "DEFAULT_CHECKPOINT", str(tmp_path / "checkpoints" / "celeba64.pt"))
+    assert inference.main(["--image-path", "ok.png"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: no model at") and "--checkpoint" in err and len(err.splitlines()) == 1
+
+
+def test_errors_in_a_real_process(tmp_path):
+    """A real process: exit status 1, one line on stderr, no traceback, nothing written."""
+    photo(16, 16).save(tmp_path / "ok.png")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    cmd = [sys.executable, os.path.join(ROOT, "inference.py"), "--image-path", str(tmp_path / "ok.png"),
+           "--checkpoint", str(tmp_path / "bad.pt")]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 1
+    assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "Traceback" not in r.stderr and "bad.pt" in r.stderr
+    assert not (tmp_path / "ok_color.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the Python API
+
+def test_colorize_batch_groups_by_size_and_keeps_order(ckpt):
+    model = load_model(ckpt)
+    images = [photo(20, 24, 1), photo(33, 17, 2), photo(20, 24, 3), colour_photo(16, 16)]
+    results = inference.colorize_batch(model, images, steps=3, num_samples=2, seed=0, batch_size=3)
+    assert [len(r) for r in results] == [2, 2, 2, 2]
+    assert [r[0].size for r in results] == [img.size for img in images]
+    for img, (out, _) in zip(images, results):
+        diff = np.abs(lightness(out) - lightness(img))
+        assert diff.max() < 1.0
+    single = inference.colorize(model, images[1], steps=3, seed=0)
+    assert len(single) == 1 and single[0].size == (33, 17)
+
+
+def test_model_resolution_keeps_aspect_within_limits():
+    assert inference.model_resolution(218, 178, 64) == (80, 64)
+    assert inference.model_resolution(16, 16, 64) == (64, 64)
+    h, w = inference.model_resolution(10, 5000, 64)  # a strip: the long side is capped
+    assert w == 256 and h == 8
+
+
+def test_recombine_in_strips_matches_one_piece(monkeypatch):
+    img = photo(37, 41, mode="RGBA")
+    ab = torch.randn(1, 2, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.5  # partly out of gamut
+    whole = np.asarray(inference.recombine(img, ab))
+    monkeypatch.setattr(inference, "STRIP_PIXELS", 100)  # strips of 2 rows
+    strips = np.asarray(inference.recombine(img, ab))
+    assert whole.shape == (41, 37, 4)
+    assert np.array_equal(whole, strips)  # per-pixel maths: strips change nothing
+    assert np.abs(lightness(Image.fromarray(strips).convert("RGB")) - lightness(img)).max() < 1.0
