@@ -26,6 +26,7 @@ class Config:
     timesteps: int = 350
     schedule: str = "cosine"      # "cosine" or "linear" (the original's)
     ab_scale: float = 4.0         # ab_n is multiplied by this before noising
+    min_snr_gamma: float = 5.0    # Min-SNR loss weighting min(SNR, gamma) / SNR; 0 = plain MSE
     # data
     data: str = "img_align_celeba"
     cache_dir: str = "cache"
@@ -144,7 +145,14 @@ class ColorDiffusion(nn.Module):
             noise = torch.randn(ab.shape, device=lab.device)
         x_t = q_sample(ab, t, noise, self.alphas_cumprod)
         pred = self.unet(torch.cat([L, x_t], dim=1), t, self.encoder(L))
-        return F.mse_loss(pred.float(), noise)
+        loss = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))
+        if self.config.min_snr_gamma > 0:
+            # Min-SNR (Hang et al. 2023): the nearly unpredictable noise of low-t steps would dominate the
+            # gradient; sampling needs the high-t predictions, where an error in eps is amplified 1/sqrt(a_t)x
+            a = self.alphas_cumprod[t].float()
+            snr = a / (1 - a)
+            loss = loss * snr.clamp(max=self.config.min_snr_gamma) / snr
+        return loss.mean()
 
     loss = forward
 
@@ -160,11 +168,13 @@ class ColorDiffusion(nn.Module):
     @torch.no_grad()
     def sample(self, L, steps=None, eta=0.0, dynamic_thresholding=False, generator=None, callback=None):
         """L: (N, 1, H, W) in [-1, 1] -> ab_n (N, 2, H, W). steps=None runs the full DDPM loop;
-        otherwise DDIM with `steps` steps and `eta`. `callback(i, n, x_t, x0)` sees model-space tensors."""
+        otherwise DDIM with `steps` steps and `eta`. x0 is clipped to the data range at every step, or
+        dynamically thresholded. `callback(i, n, x_t, x0)` sees model-space tensors."""
         s = self.config.ab_scale
         x = torch.randn((L.shape[0], 2, *L.shape[2:]), generator=generator, device=L.device)
-        kwargs = dict(generator=generator, callback=callback,
-                      threshold=(lambda x0: dynamic_threshold(x0, bound=s)) if dynamic_thresholding else None)
+        # x0 is always kept in the data range (|ab_n| <= 1): near t = T it is eps amplified 1/sqrt(a_t) times
+        threshold = (lambda x0: dynamic_threshold(x0, bound=s)) if dynamic_thresholding else (lambda x0: x0.clamp(-s, s))
+        kwargs = dict(generator=generator, callback=callback, threshold=threshold)
         if steps is None:
             x = ddpm_sample(self.denoiser(L), x, self.alphas_cumprod, **kwargs)
         else:

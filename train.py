@@ -20,7 +20,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from dataset import load_split, make_loader
-from model import CheckpointError, ColorDiffusion, Config, ema_update, load_checkpoint, save_checkpoint
+from model import (CheckpointError, ColorDiffusion, Config, ema_update, export_inference_checkpoint, load_checkpoint,
+                   save_checkpoint)
 from utils import bf16_is_fast, lab_to_rgb, pick_device, tensor_to_pil
 
 MODEL_FIELDS = ("image_size", "dim", "dim_mults", "dropout", "attention", "timesteps", "schedule", "ab_scale")
@@ -38,8 +39,10 @@ def parse_args(argv=None):
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=argparse.SUPPRESS,
                        help=f"(default: {','.join(map(str, default)) if isinstance(default, tuple) else default})")
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
+    p.add_argument("--export", metavar="PATH", help="write <out-dir>/ckpt.pt's EMA weights (fp16) and config to "
+                   "PATH for inference, e.g. checkpoints/celeba64.pt, and exit")
     args = vars(p.parse_args(argv))
-    return args.pop("resume"), args
+    return args.pop("resume"), args.pop("export"), args
 
 
 def lr_at(step, c: Config):
@@ -71,7 +74,7 @@ def evaluate(ema, val, device, amp, n_loss=256, n_samples=8, steps=50):
 
 
 def main(argv=None):
-    resume, given = parse_args(argv)
+    resume, export, given = parse_args(argv)
     distributed = "RANK" in os.environ
     rank, world, local_rank = 0, 1, 0
     if distributed:
@@ -80,6 +83,10 @@ def main(argv=None):
 
     out_dir = given.get("out_dir", Config.out_dir)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    if export:
+        export_inference_checkpoint(ckpt_path, export)
+        print(f"exported the EMA weights of {ckpt_path} to {export} ({os.path.getsize(export) / 2**20:.1f} MB)")
+        return
     ckpt = None
     if resume:
         ckpt = load_checkpoint(ckpt_path)

@@ -126,7 +126,14 @@ def test_loss_noises_only_ab_and_passes_L_unchanged(tiny_config, monkeypatch):
     expected_ab = q_sample(lab[:, 1:] * tiny_config.ab_scale, t, noise, m.alphas_cumprod)
     assert torch.equal(x[:, 1:], expected_ab)  # ab is scaled and noised with the given t and noise
     assert torch.equal(seen["t"], t)
-    assert loss.item() == pytest.approx(torch.nn.functional.mse_loss(seen["pred"], noise).item(), rel=1e-6)
+    per_sample = (seen["pred"] - noise).pow(2).mean(dim=(1, 2, 3))
+    a = m.alphas_cumprod[t].float()
+    snr = a / (1 - a)
+    weight = snr.clamp(max=tiny_config.min_snr_gamma) / snr  # Min-SNR: 1 at low SNR, gamma/SNR above it
+    assert weight.min() < 1 and weight.max() == 1
+    assert loss.item() == pytest.approx((per_sample * weight).mean().item(), rel=1e-6)
+    m.config.min_snr_gamma = 0  # off: the plain MSE of the noise
+    assert m(lab, t=t, noise=noise).item() == pytest.approx(per_sample.mean().item(), rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -350,10 +357,10 @@ def test_exported_checkpoint_is_fp16_ema_and_samples_closely(tiny_config, tmp_pa
     L = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(9)) * 2 - 1
     a = _sample(loaded, L, 0, steps=10)
     assert torch.equal(a, _sample(rounded, L, 0, steps=10))
-    # and close to the full-precision EMA's samples. An untrained network's samples are huge (hundreds),
-    # so the bound is relative: measured about 1e-3 of the largest value.
+    # and close to the full-precision EMA's samples (in [-1, 1]). An untrained network's x0 sits at the
+    # clip boundary, where fp16 rounding can move a few pixels off it, so the bound is on the mean.
     b = _sample(ema, L, 0, steps=10)
-    assert (a - b).abs().max().item() < 1e-2 * b.abs().max().item()
+    assert (a - b).abs().mean().item() < 1e-2
 
 
 def test_load_checkpoint_rejects_bad_files(tmp_path):
