@@ -192,9 +192,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
-    p = _Parser(
-        description="Colorize greyscale photos (a file or every image in a folder) with Color Diffusion.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(description="Colorize greyscale photos (a file or every image in a folder) with Color Diffusion.")
     p.add_argument("--image-path", required=True, help="an image, or a folder of images")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="model checkpoint (.pt)")
     p.add_argument("--output", help="output file (its extension picks the format: .png .jpg .webp .tif .bmp) "

@@ -39,10 +39,10 @@ class Config:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
-    max_steps: int = 6000
+    max_steps: int = 3600
     log_every: int = 50
-    eval_every: int = 500         # validation loss + sample grid
-    ckpt_every: int = 250
+    eval_every: int = 400         # validation loss + sample grid
+    ckpt_every: int = 200
     num_workers: int = 0
     seed: int = 0
     device: str = "auto"          # auto, cpu, cuda

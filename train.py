@@ -25,6 +25,19 @@ from model import (CheckpointError, ColorDiffusion, Config, ema_update, export_i
 from utils import bf16_is_fast, lab_to_rgb, pick_device, tensor_to_pil
 
 MODEL_FIELDS = ("image_size", "dim", "dim_mults", "dropout", "attention", "timesteps", "schedule", "ab_scale")
+HELP = {
+    "image_size": "training resolution (square crops)", "dim": "UNet base width",
+    "dim_mults": "width multiplier per UNet level", "attention": "linear attention per level + full in the middle",
+    "timesteps": "diffusion steps T", "schedule": "noise schedule: cosine or linear (the original's)",
+    "ab_scale": "ab/110 is multiplied by this before noising", "min_snr_gamma": "Min-SNR loss weighting; 0 = off",
+    "data": "folder of colour photos", "cache_dir": "where the decoded LAB cache is kept",
+    "val_percent": "held-out percentage of files (by file-name hash)", "out_dir": "checkpoints, sample grids, log",
+    "batch_size": "global batch size (split across torchrun processes)", "lr": "peak AdamW learning rate",
+    "max_steps": "optimizer steps in total", "ema_decay": "EMA decay of the weights used for sampling",
+    "eval_every": "steps between validation loss + sample grid", "ckpt_every": "steps between checkpoints",
+    "device": "auto, cpu, cuda", "amp": "bf16 autocast: auto (where fast), on, off",
+    "num_workers": "DataLoader worker processes",
+}
 
 
 def parse_args(argv=None):
@@ -37,7 +50,8 @@ def parse_args(argv=None):
                 tuple: lambda s: tuple(int(x) for x in s.split(","))}.get(type(default), type(default))
         # SUPPRESS: only flags given on the command line appear, so --resume can tell them from defaults
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=argparse.SUPPRESS,
-                       help=f"(default: {','.join(map(str, default)) if isinstance(default, tuple) else default})")
+                       help=f"{HELP.get(f.name, '')} (default: "
+                            f"{','.join(map(str, default)) if isinstance(default, tuple) else default})".lstrip())
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
     p.add_argument("--export", metavar="PATH", help="write <out-dir>/ckpt.pt's EMA weights (fp16) and config to "
                    "PATH for inference, e.g. checkpoints/celeba64.pt, and exit")
