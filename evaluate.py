@@ -19,9 +19,9 @@ from skimage.color import deltaE_ciede2000, rgb2lab
 from tqdm import tqdm
 
 from dataset import center_crop_resize, is_validation, list_images
-from inference import DEFAULT_CHECKPOINT, DEFAULT_STEPS, colorize
+from inference import DEFAULT_CHECKPOINT, DEFAULT_STEPS, colorize_batch
 from model import CheckpointError, load_model
-from utils import ImageError, load_image, pick_device
+from utils import ImageError, lab_to_rgb, load_image, pick_device, rgb_to_lab, tensor_to_pil
 
 
 def psnr(a, b):
@@ -40,20 +40,30 @@ def delta_e(a, b):
     return float(deltaE_ciede2000(rgb2lab(a / 255.0), rgb2lab(b / 255.0)).mean())
 
 
-def evaluate(model, truths, **sample_kwargs):
+def greyscale(truth):
+    """The truth's own LAB lightness with no colour: the input, and the greyscale baseline."""
+    lab = rgb_to_lab(torch.tensor(truth).permute(2, 0, 1)[None] / 255.0)
+    lab[:, 1:] = 0
+    grey = lab_to_rgb(lab).mean(dim=1, keepdim=True)  # exactly neutral: float error leaves +-1 level otherwise
+    return np.asarray(tensor_to_pil(grey.expand(-1, 3, -1, -1)))
+
+
+def evaluate(model, truths, batch_size=16, seed=0, **sample_kwargs):
     """truths: list of RGB uint8 arrays. Returns (metrics dict, list of output arrays)."""
-    rows = {k: [] for k in ("psnr", "de", "cf", "psnr_grey", "de_grey", "cf_truth")}
+    rows = {k: [] for k in ("psnr", "de", "cf", "psnr_grey", "de_grey", "cf_grey", "cf_truth")}
+    greys = [greyscale(t) for t in truths]
     outputs = []
-    for i, truth in enumerate(tqdm(truths, desc="colorizing", leave=False)):
-        grey_img = Image.fromarray(truth).convert("L")
-        out = np.asarray(colorize(model, grey_img, seed=i, **sample_kwargs)[0])
-        grey = np.asarray(grey_img.convert("RGB"))
-        outputs.append(out)
+    for start in tqdm(range(0, len(truths), batch_size), desc="colorizing", leave=False):
+        batch = [Image.fromarray(g) for g in greys[start:start + batch_size]]
+        results = colorize_batch(model, batch, seed=seed + start, batch_size=batch_size, **sample_kwargs)
+        outputs += [np.asarray(r[0]) for r in results]
+    for truth, grey, out in zip(truths, greys, outputs):
         rows["psnr"].append(psnr(out, truth))
         rows["de"].append(delta_e(out, truth))
         rows["cf"].append(colourfulness(out))
         rows["psnr_grey"].append(psnr(grey, truth))
         rows["de_grey"].append(delta_e(grey, truth))
+        rows["cf_grey"].append(colourfulness(grey))
         rows["cf_truth"].append(colourfulness(truth))
     m = {k: float(np.mean(v)) for k, v in rows.items()}
     m["dcf"] = abs(m["cf"] - m["cf_truth"])
@@ -64,14 +74,15 @@ def markdown(m, label):
     return "\n".join([
         "| | PSNR (dB) ↑ | CIEDE2000 ↓ | colourfulness | dCF ↓ |",
         "|---|---|---|---|---|",
-        f"| greyscale baseline | {m['psnr_grey']:.2f} | {m['de_grey']:.2f} | 0.0 | {m['cf_truth']:.1f} |",
+        f"| greyscale baseline | {m['psnr_grey']:.2f} | {m['de_grey']:.2f} | {m['cf_grey']:.1f} | "
+        f"{abs(m['cf_grey'] - m['cf_truth']):.1f} |",
         f"| {label} | {m['psnr']:.2f} | {m['de']:.2f} | {m['cf']:.1f} | {m['dcf']:.1f} |",
         f"| ground truth | ∞ | 0 | {m['cf_truth']:.1f} | 0 |",
     ])
 
 
 def grid(truths, outputs, n=8):
-    rows = [np.concatenate([np.asarray(Image.fromarray(t).convert("L").convert("RGB")) for t in truths[:n]], 1),
+    rows = [np.concatenate([greyscale(t) for t in truths[:n]], 1),
             np.concatenate(outputs[:n], 1), np.concatenate(truths[:n], 1)]
     return Image.fromarray(np.concatenate(rows, 0))
 
@@ -88,12 +99,17 @@ def main(argv=None):
     p.add_argument("--ddpm", action="store_true", help="the full DDPM loop instead of DDIM")
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--dynamic-threshold", action="store_true")
+    p.add_argument("--min-signal", type=float, help="override the checkpoint's sample_min_signal")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="eval")
     args = p.parse_args(argv)
 
     model = load_model(args.checkpoint, pick_device(args.device))
     c = model.config
+    if args.min_signal is not None:
+        c.sample_min_signal = args.min_signal
     names = list_images(args.data)
     if args.split == "val":
         names = [n for n in names if is_validation(n, c.val_percent)]
@@ -112,8 +128,10 @@ def main(argv=None):
 
     steps = None if args.ddpm else args.steps
     label = f"ours, {'DDPM ' + str(c.timesteps) if args.ddpm else f'DDIM {args.steps}'} steps" + \
-            (f", eta {args.eta}" if args.eta and not args.ddpm else "") + (", dyn. thr." if args.dynamic_threshold else "")
-    m, outputs = evaluate(model, truths, steps=steps, eta=args.eta, dynamic_thresholding=args.dynamic_threshold)
+            (f", eta {args.eta}" if args.eta and not args.ddpm else "") + (", dyn. thr." if args.dynamic_threshold else "") + \
+            f", start at signal {c.sample_min_signal}"
+    m, outputs = evaluate(model, truths, batch_size=args.batch_size, seed=args.seed, steps=steps, eta=args.eta,
+                          dynamic_thresholding=args.dynamic_threshold)
     table = markdown(m, label)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "eval.md"), "w") as f:

@@ -27,6 +27,7 @@ class Config:
     schedule: str = "cosine"      # "cosine" or "linear" (the original's)
     ab_scale: float = 4.0         # ab_n is multiplied by this before noising
     min_snr_gamma: float = 5.0    # Min-SNR loss weighting min(SNR, gamma) / SNR; 0 = plain MSE
+    sample_min_signal: float = 0.1  # sampling starts at the noisiest t whose sqrt(alphas_cumprod) >= this
     # data
     data: str = "img_align_celeba"
     cache_dir: str = "cache"
@@ -167,18 +168,23 @@ class ColorDiffusion(nn.Module):
 
     @torch.no_grad()
     def sample(self, L, steps=None, eta=0.0, dynamic_thresholding=False, generator=None, callback=None):
-        """L: (N, 1, H, W) in [-1, 1] -> ab_n (N, 2, H, W). steps=None runs the full DDPM loop;
-        otherwise DDIM with `steps` steps and `eta`. x0 is clipped to the data range at every step, or
+        """L: (N, 1, H, W) in [-1, 1] -> ab_n (N, 2, H, W). steps=None runs the full DDPM loop (every
+        timestep from the start, see below); otherwise DDIM with `steps` steps and `eta`. x0 is clipped to the data range at every step, or
         dynamically thresholded. `callback(i, n, x_t, x0)` sees model-space tensors."""
         s = self.config.ab_scale
         x = torch.randn((L.shape[0], 2, *L.shape[2:]), generator=generator, device=L.device)
-        # x0 is always kept in the data range (|ab_n| <= 1): near t = T it is eps amplified 1/sqrt(a_t) times
+        # Near t = T the x0 implied by predicted noise is the noise's error amplified 1/sqrt(a_t) times (7000x
+        # at the cosine schedule's last step): those steps only inject saturated colour. So sampling starts at
+        # the noisiest t whose signal level is still sample_min_signal, from pure noise, which differs from
+        # the true x_t there by at most that fraction of the (small) colour signal.
+        ac = self.alphas_cumprod[: int((self.alphas_cumprod.sqrt() >= self.config.sample_min_signal).sum())]
+        # x0 is also kept in the data range (|ab_n| <= 1), or dynamically thresholded
         threshold = (lambda x0: dynamic_threshold(x0, bound=s)) if dynamic_thresholding else (lambda x0: x0.clamp(-s, s))
         kwargs = dict(generator=generator, callback=callback, threshold=threshold)
         if steps is None:
-            x = ddpm_sample(self.denoiser(L), x, self.alphas_cumprod, **kwargs)
+            x = ddpm_sample(self.denoiser(L), x, ac, **kwargs)
         else:
-            x = ddim_sample(self.denoiser(L), x, self.alphas_cumprod, steps, eta=eta, **kwargs)
+            x = ddim_sample(self.denoiser(L), x, ac, steps, eta=eta, **kwargs)
         return x / s
 
 

@@ -686,3 +686,17 @@ def test_download_script_unzips_into_the_folder(tmp_path):
     r, _ = _run_download(tmp_path, gdown="exit 1")  # idempotent: the second run downloads nothing
     assert r.returncode == 0 and "already has 3 images" in r.stdout
     assert (tmp_path / "gdown_calls").read_text().count("called") == 1
+
+
+def test_sampling_starts_at_the_noisiest_usable_timestep(tiny_config):
+    """The near-zero-SNR tail of the schedule is skipped: the loop starts at the last t whose signal level
+    sqrt(alphas_cumprod) is still sample_min_signal; with 0 it runs all T steps."""
+    m = ColorDiffusion(tiny_config).eval()
+    L = torch.zeros(1, 1, 16, 16)
+    ac = m.alphas_cumprod
+    for min_signal, expected in [(0.1, int((ac.sqrt() >= 0.1).sum())), (0.0, tiny_config.timesteps)]:
+        m.config.sample_min_signal = min_signal
+        seen = []
+        m.sample(L, steps=None, callback=lambda i, n, x, x0: seen.append(n))
+        assert len(seen) == seen[0] == expected
+    assert int((ac.sqrt() >= 0.1).sum()) < tiny_config.timesteps  # the tail is really there to skip
