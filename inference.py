@@ -303,7 +303,7 @@ def _load(args, device):
         raise
     except Exception as e:  # keys or shapes that do not match the checkpoint's own config
         raise CheckpointError(f"{args.checkpoint}: weights do not fit the model ({type(e).__name__})") from None
-    return model.to(memory_format=torch.channels_last)
+    return model
 
 
 def _sampler_kwargs(args):

@@ -227,7 +227,7 @@ def load_model(path, device="cpu", use_ema=True):
     model = ColorDiffusion(Config.from_dict(ckpt["config"]))
     weights = ckpt["ema"] if use_ema and "ema" in ckpt else ckpt.get("model", ckpt.get("ema"))
     model.load_state_dict({k: v.float() for k, v in weights.items()})
-    return model.to(device).eval()
+    return model.to(device, memory_format=torch.channels_last).eval()
 
 
 def export_inference_checkpoint(src, dst):
