@@ -120,8 +120,8 @@ def ddim_sample(denoise, x, alphas_cumprod, steps, eta=0.0, generator=None, thre
 
 
 def ddpm_sample(denoise, x, alphas_cumprod, **kwargs):
-    """The full ancestral DDPM loop over all T steps. DDIM over every timestep with eta=1 is exactly
-    DDPM's posterior q(x_{t-1} | x_t, x0) with variance beta-tilde, so one loop serves both."""
+    """The ancestral DDPM loop over every timestep of the schedule. DDIM over every timestep with eta=1 is
+    exactly DDPM's posterior q(x_{t-1} | x_t, x0) with variance beta-tilde, so one loop serves both."""
     return ddim_sample(denoise, x, alphas_cumprod, steps=len(alphas_cumprod), eta=1.0, **kwargs)
 
 
@@ -148,8 +148,8 @@ class ColorDiffusion(nn.Module):
         pred = self.unet(torch.cat([L, x_t], dim=1), t, self.encoder(L))
         loss = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))
         if self.config.min_snr_gamma > 0:
-            # Min-SNR (Hang et al. 2023): the nearly unpredictable noise of low-t steps would dominate the
-            # gradient; sampling needs the high-t predictions, where an error in eps is amplified 1/sqrt(a_t)x
+            # Min-SNR (Hang et al. 2023): the nearly unpredictable noise of low-t steps would otherwise
+            # dominate the gradient, at the expense of the noisier steps where the colours are decided
             a = self.alphas_cumprod[t].float()
             snr = a / (1 - a)
             loss = loss * snr.clamp(max=self.config.min_snr_gamma) / snr
@@ -169,8 +169,9 @@ class ColorDiffusion(nn.Module):
     @torch.no_grad()
     def sample(self, L, steps=None, eta=0.0, dynamic_thresholding=False, generator=None, callback=None):
         """L: (N, 1, H, W) in [-1, 1] -> ab_n (N, 2, H, W). steps=None runs the full DDPM loop (every
-        timestep from the start, see below); otherwise DDIM with `steps` steps and `eta`. x0 is clipped to the data range at every step, or
-        dynamically thresholded. `callback(i, n, x_t, x0)` sees model-space tensors."""
+        timestep from the start, see below); otherwise DDIM with `steps` steps and `eta`. x0 is clipped to
+        the data range at every step, or dynamically thresholded. `callback(i, n, x_t, x0)` sees model-space
+        tensors."""
         s = self.config.ab_scale
         x = torch.randn((L.shape[0], 2, *L.shape[2:]), generator=generator, device=L.device)
         # Near t = T the x0 implied by predicted noise is the noise's error amplified 1/sqrt(a_t) times (7000x
