@@ -7,7 +7,7 @@
 For the default model (Config(): dim 32, mults 1,2,4,8) and the original repository's size (dim 128,
 mults 1,2,3,3), at batch sizes 1 and 16, randomly initialised (speed does not depend on the weights), at the
 model resolution of a 178x218 CelebA photo: milliseconds per denoising step (the UNet), and seconds per
-image for DDIM with inference.DEFAULT_STEPS steps and for the full DDPM loop over all T timesteps. The
+image for DDIM with inference.DEFAULT_STEPS steps and for the full DDPM loop over every timestep it uses. The
 per-image times are the encoder (once per image) plus steps x the measured step time: the DDPM loop is
 extrapolated from a few timed steps, not run. Step times are medians over the timed steps, so a busy
 machine's spikes count less. Last, one real end-to-end colorize() of a 178x218 photo with the default
@@ -36,6 +36,10 @@ from utils import bf16_is_fast, pick_device
 MODELS = [("default (dim 32; 1,2,4,8)", Config()),
           ("original size (dim 128; 1,2,3,3)", Config(dim=128, dim_mults=(1, 2, 3, 3)))]
 PHOTO = (218, 178)  # height, width of a CelebA photo
+
+
+def ddpm_steps(config):
+    return len(ColorDiffusion(config).sampling_schedule())
 
 
 def sync(device):
@@ -115,12 +119,13 @@ def main(argv=None):
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{cpu_name()}, {torch.get_num_threads()} threads"
-    print(f"# Color Diffusion benchmark: {where}; torch {torch.__version__}; bf16 autocast {'on' if use_amp else 'off'}")
+    print(f"# Color Diffusion benchmark: {where}; torch {torch.__version__}; "
+          f"bf16 autocast {'on' if use_amp else 'off'}")
     h, w = inference.model_size(ColorDiffusion(Config()), *PHOTO)
     print(f"Model resolution {h}x{w} (a {PHOTO[1]}x{PHOTO[0]} photo); DDIM {inference.DEFAULT_STEPS} steps; "
-          f"DDPM = all T={Config().timesteps} steps, extrapolated from the timed steps.\n")
+          f"DDPM = all {ddpm_steps(Config())} steps it runs, extrapolated from the timed steps.\n")
     print("| model | params | GFLOP/step/image | batch | ms/step | ms/step/image | "
-          f"DDIM {inference.DEFAULT_STEPS}: s/image | DDPM {Config().timesteps}: s/image | steps timed |")
+          f"DDIM {inference.DEFAULT_STEPS}: s/image | DDPM {ddpm_steps(Config())}: s/image | steps timed |")
     print("|---|---|---|---|---|---|---|---|---|")
     torch.manual_seed(0)
     default_model = None
@@ -134,7 +139,7 @@ def main(argv=None):
         for batch in batches:
             enc, step, n = bench_steps(model, batch, device, amp, repeats, min_time, max_time)
             ddim = (enc + inference.DEFAULT_STEPS * step) / batch
-            ddpm = (enc + config.timesteps * step) / batch
+            ddpm = (enc + ddpm_steps(config) * step) / batch
             print(f"| {name} | {n_params:.1f}M | {flops:.1f} | {batch} | {step * 1e3:.1f} | "
                   f"{step * 1e3 / batch:.1f} | {ddim:.2f} | {ddpm:.1f} | {n} |", flush=True)
         if model is not default_model:

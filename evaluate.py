@@ -127,9 +127,9 @@ def main(argv=None):
         raise ValueError(f"{args.data}: no images to evaluate")
 
     steps = None if args.ddpm else args.steps
-    label = f"ours, {'DDPM ' + str(c.timesteps) if args.ddpm else f'DDIM {args.steps}'} steps" + \
-            (f", eta {args.eta}" if args.eta and not args.ddpm else "") + (", dyn. thr." if args.dynamic_threshold else "") + \
-            f", start at signal {c.sample_min_signal}"
+    label = "ours, " + ("DDPM, every step" if args.ddpm else f"DDIM {args.steps} steps")
+    label += (f", eta {args.eta}" if args.eta and not args.ddpm else "") + \
+        (", dyn. thr." if args.dynamic_threshold else "") + f", start at signal {c.sample_min_signal}"
     m, outputs = evaluate(model, truths, batch_size=args.batch_size, seed=args.seed, steps=steps, eta=args.eta,
                           dynamic_thresholding=args.dynamic_threshold)
     table = markdown(m, label)

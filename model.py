@@ -166,6 +166,14 @@ class ColorDiffusion(nn.Module):
             return self.unet(torch.cat([L, x.to(L.dtype)], dim=1), t, feats)
         return denoise
 
+    def sampling_schedule(self):
+        """alphas_cumprod up to the timestep sampling starts from. Near t = T the x0 implied by predicted
+        noise is the noise's error amplified 1/sqrt(a_t) times (7000x at the cosine schedule's last step):
+        those steps only inject saturated colour. So sampling starts, from pure noise, at the noisiest t whose
+        signal level sqrt(a_t) is still sample_min_signal; pure noise differs from the true x_t there by at
+        most that fraction of the (small) colour signal."""
+        return self.alphas_cumprod[: int((self.alphas_cumprod.sqrt() >= self.config.sample_min_signal).sum())]
+
     @torch.no_grad()
     def sample(self, L, steps=None, eta=0.0, dynamic_thresholding=False, generator=None, callback=None):
         """L: (N, 1, H, W) in [-1, 1] -> ab_n (N, 2, H, W). steps=None runs the full DDPM loop (every
@@ -174,13 +182,10 @@ class ColorDiffusion(nn.Module):
         tensors."""
         s = self.config.ab_scale
         x = torch.randn((L.shape[0], 2, *L.shape[2:]), generator=generator, device=L.device)
-        # Near t = T the x0 implied by predicted noise is the noise's error amplified 1/sqrt(a_t) times (7000x
-        # at the cosine schedule's last step): those steps only inject saturated colour. So sampling starts at
-        # the noisiest t whose signal level is still sample_min_signal, from pure noise, which differs from
-        # the true x_t there by at most that fraction of the (small) colour signal.
-        ac = self.alphas_cumprod[: int((self.alphas_cumprod.sqrt() >= self.config.sample_min_signal).sum())]
+        ac = self.sampling_schedule()
         # x0 is also kept in the data range (|ab_n| <= 1), or dynamically thresholded
-        threshold = (lambda x0: dynamic_threshold(x0, bound=s)) if dynamic_thresholding else (lambda x0: x0.clamp(-s, s))
+        def threshold(x0):
+            return dynamic_threshold(x0, bound=s) if dynamic_thresholding else x0.clamp(-s, s)
         kwargs = dict(generator=generator, callback=callback, threshold=threshold)
         if steps is None:
             x = ddpm_sample(self.denoiser(L), x, ac, **kwargs)
