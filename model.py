@@ -28,6 +28,7 @@ class Config:
     ab_scale: float = 4.0         # ab_n is multiplied by this before noising
     min_snr_gamma: float = 5.0    # Min-SNR loss weighting min(SNR, gamma) / SNR; 0 = plain MSE
     sample_min_signal: float = 0.1  # sampling starts at the noisiest t whose sqrt(alphas_cumprod) >= this
+    ab_mean: tuple = (0.0, 0.0)   # mean ab_n of the training images (train.py measures it): sampling starts there
     # data
     data: str = "img_align_celeba"
     cache_dir: str = "cache"
@@ -181,8 +182,14 @@ class ColorDiffusion(nn.Module):
         the data range at every step, or dynamically thresholded. `callback(i, n, x_t, x0)` sees model-space
         tensors."""
         s = self.config.ab_scale
-        x = torch.randn((L.shape[0], 2, *L.shape[2:]), generator=generator, device=L.device)
         ac = self.sampling_schedule()
+        # x_t at the start: sqrt(a) x0 + sqrt(1 - a) noise, with x0 taken as the data's mean colour. The mean
+        # colour of x_t is measurable from thousands of pixels, so zero-mean noise would tell the model the
+        # picture is on average grey, and it would colour it so (measured: 3 dB PSNR lost, a cold cast).
+        a = ac[-1].item()
+        mean = torch.tensor(self.config.ab_mean, device=L.device).view(1, 2, 1, 1) * s
+        x = math.sqrt(a) * mean + math.sqrt(1 - a) * torch.randn(
+            (L.shape[0], 2, *L.shape[2:]), generator=generator, device=L.device)
         # x0 is also kept in the data range (|ab_n| <= 1), or dynamically thresholded
         def threshold(x0):
             return dynamic_threshold(x0, bound=s) if dynamic_thresholding else x0.clamp(-s, s)

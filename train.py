@@ -132,6 +132,9 @@ def main(argv=None):
         dist.barrier()
     if rank != 0:
         train_ds, val_ds = load_split(config.data, config.image_size, config.val_percent, config.cache_dir, config.seed)
+    if ckpt is None:  # the colour sampling starts from (see ColorDiffusion.sample); a checkpoint keeps its own
+        mean = train_ds.lab[:, 1:].mean(dim=(0, 2, 3), dtype=torch.float32)
+        config.ab_mean = tuple(round(v, 5) for v in mean.tolist())
     local_batch = config.batch_size // world
     steps_per_epoch = len(train_ds) // world // local_batch
     if steps_per_epoch == 0:

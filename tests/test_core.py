@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import dataset
+import model as model_module
 import train
 import utils
 from conftest import BAD_FILES, N_IMAGES, ROOT, assert_state_equal, synthetic_photo, train_args
@@ -701,3 +702,24 @@ def test_sampling_starts_at_the_noisiest_usable_timestep(tiny_config):
         m.sample(L, steps=None, callback=lambda i, n, x, x0: seen.append(n))
         assert len(seen) == seen[0] == expected == len(m.sampling_schedule())
     assert int((ac.sqrt() >= 0.1).sum()) < tiny_config.timesteps  # the tail is really there to skip
+
+
+def test_training_records_the_mean_colour_and_sampling_starts_there(photo_dir, shared_cache, tmp_path,
+                                                                     monkeypatch):
+    out = tmp_path / "run"
+    train.main(train_args(photo_dir, shared_cache, out, max_steps=2))
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    train_ds, _ = dataset.load_split(str(photo_dir), 16, 25, str(shared_cache))
+    expected = train_ds.lab[:, 1:].float().mean(dim=(0, 2, 3))
+    assert torch.allclose(torch.tensor(ckpt["config"]["ab_mean"]), expected, atol=1e-4)
+    assert expected.abs().max() > 0.01  # the synthetic photos are not grey on average: a real check
+
+    # the sampler's first x_t is sqrt(a_start) * mean (in model space) + sqrt(1 - a_start) * noise
+    m = load_model(str(out / "ckpt.pt"))
+    seen = {}
+    monkeypatch.setattr(model_module, "ddim_sample", lambda denoise, x, ac, *a, **k: seen.setdefault("x", x))
+    m.sample(torch.zeros(4, 1, 16, 16), steps=5, generator=torch.Generator().manual_seed(0))
+    a = m.sampling_schedule()[-1].item()
+    noise = torch.randn((4, 2, 16, 16), generator=torch.Generator().manual_seed(0))
+    mean = torch.tensor(ckpt["config"]["ab_mean"]).view(1, 2, 1, 1) * m.config.ab_scale
+    assert torch.allclose(seen["x"], a ** 0.5 * mean + (1 - a) ** 0.5 * noise, atol=1e-6)
