@@ -41,7 +41,7 @@ class Config:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
-    max_steps: int = 3600
+    max_steps: int = 3200
     log_every: int = 50
     eval_every: int = 400         # validation loss + sample grid
     ckpt_every: int = 200
