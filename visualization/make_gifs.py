@@ -38,7 +38,7 @@ def main():
     L, ab = lab[:, :1], lab[:, 1:] * c.ab_scale
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(ab.shape, generator=g)
-    forward = GifRecorder(model, L, max_frames=c.timesteps)
+    forward = GifRecorder(model, L, max_frames=c.timesteps, min_side=128)
     ts = torch.linspace(0, c.timesteps - 1, 40).long()
     for i, t in enumerate(ts):
         forward(i, len(ts), q_sample(ab, t[None], noise, model.alphas_cumprod), None)
@@ -48,7 +48,7 @@ def main():
 
     # reverse: greyscale faces -> colour, the full DDPM loop, all faces in one batch
     greys = [f.convert("L") for f in faces]
-    reverse = GifRecorder(model, torch.cat([model_input(model, f) for f in greys]), max_frames=70)
+    reverse = GifRecorder(model, torch.cat([model_input(model, f) for f in greys]), max_frames=40, min_side=128)
     outputs = colorize_batch(model, greys, steps=None, seed=args.seed, callback=reverse, batch_size=len(greys))
     reverse.save(os.path.join(HERE, "denoising.gif"), [o[0] for o in outputs])
     print("wrote visualization/forward_diffusion.gif and visualization/denoising.gif")
