@@ -34,7 +34,7 @@ from utils import (ImageError, bf16_is_fast, fit_to_gamut, lab_to_rgb, load_imag
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CHECKPOINT = os.path.join(HERE, "checkpoints", "celeba64.pt")
-DEFAULT_STEPS = 50
+DEFAULT_STEPS = 20
 DEFAULT_BATCH = 16
 STRIP_PIXELS = 1 << 19  # recombine() works on horizontal strips of about this many pixels
 SAVE_PARAMS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}}  # PIL's default JPEG quality 75 blurs L
