@@ -87,21 +87,26 @@ def model_input(model, img: Image.Image) -> torch.Tensor:
     return rgb_to_lab(F.interpolate(rgb, (h, w), mode="bicubic", antialias=True).clamp(0, 1))[:, :1]
 
 
-def recombine(img: Image.Image, ab: torch.Tensor) -> Image.Image:
-    """The input's own full-resolution L + ab (1, 2, h, w) upsampled to its size -> PIL RGB (RGBA if the
-    input had alpha). Colours outside sRGB lose chroma, not lightness, so the output keeps the input's L."""
+def recombine(img: Image.Image, ab: torch.Tensor) -> list[Image.Image]:
+    """The input's own full-resolution L + each of the K samples ab (K, 2, h, w), upsampled to its size ->
+    K PIL RGB images (RGBA if the input had alpha). The input's L is computed once for all K. Colours outside
+    sRGB lose chroma, not lightness, so the outputs keep the input's L."""
     rgb, alpha = greyscale_rgb(img)
     H, W = rgb.shape[-2:]
-    ab_full = F.interpolate(ab.float().cpu(), (H, W), mode="bilinear", align_corners=False)
-    out = Image.new("RGB", (W, H))
     rows = max(1, STRIP_PIXELS // W)
-    for top in range(0, H, rows):  # in strips: a 12-megapixel photo's LAB temporaries would take gigabytes
-        L = rgb_to_lab(rgb[..., top:top + rows, :])[:, :1]
-        lab = fit_to_gamut(torch.cat([L, ab_full[..., top:top + rows, :]], dim=1))
-        out.paste(tensor_to_pil(lab_to_rgb(lab)), (0, top))
-    if alpha is not None:
-        out.putalpha(alpha)
-    return out
+    strips = range(0, H, rows)  # a 12-megapixel photo's LAB temporaries would take gigabytes at once
+    L = torch.cat([rgb_to_lab(rgb[..., top:top + rows, :])[:, :1] for top in strips], dim=-2)
+    outs = []
+    for k in range(len(ab)):
+        ab_full = F.interpolate(ab[k:k + 1].float().cpu(), (H, W), mode="bilinear", align_corners=False)
+        out = Image.new("RGB", (W, H))
+        for top in strips:
+            lab = fit_to_gamut(torch.cat([L[..., top:top + rows, :], ab_full[..., top:top + rows, :]], dim=1))
+            out.paste(tensor_to_pil(lab_to_rgb(lab)), (0, top))
+        if alpha is not None:
+            out.putalpha(alpha)
+        outs.append(out)
+    return outs
 
 
 @torch.inference_mode()
@@ -130,7 +135,7 @@ def colorize_batch(model, images, steps=DEFAULT_STEPS, eta=0.0, num_samples=1, s
                 ab = model.sample(L, steps=steps, eta=eta, dynamic_thresholding=dynamic_thresholding,
                                   generator=generator, callback=callback)
             for j, i in enumerate(chunk):  # one at a time: a full-size 4000x4000 LAB image is large
-                results[i] = [recombine(images[i], ab[j * num_samples + k][None]) for k in range(num_samples)]
+                results[i] = recombine(images[i], ab[j * num_samples:(j + 1) * num_samples])
     return results
 
 

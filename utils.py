@@ -37,15 +37,18 @@ def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     return torch.cat([L / 50 - 1, a / AB_NORM, b / AB_NORM], dim=1)
 
 
-def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
-    """Normalized LAB (N, 3, H, W) -> RGB in [0, 1] (out-of-gamut colours are clipped)."""
+def _lab_to_xyz(lab: torch.Tensor) -> torch.Tensor:
+    """Normalized LAB -> XYZ relative to the white point (not yet scaled by it), unclipped."""
     lab = lab.float()
     L = (lab[:, 0:1] + 1) * 50
-    a, b = lab[:, 1:2] * AB_NORM, lab[:, 2:3] * AB_NORM
     fy = (L + 16) / 116
-    f = torch.cat([fy + a / 500, fy, fy - b / 200], dim=1)
-    xyz = torch.where(f > 0.2068966, f ** 3, (f - 16 / 116) / 7.787)
-    xyz = xyz.clamp(min=0) * _WHITE.to(lab.device).view(1, 3, 1, 1)
+    f = torch.cat([fy + lab[:, 1:2] * AB_NORM / 500, fy, fy - lab[:, 2:3] * AB_NORM / 200], dim=1)
+    return torch.where(f > 0.2068966, f ** 3, (f - 16 / 116) / 7.787)
+
+
+def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
+    """Normalized LAB (N, 3, H, W) -> RGB in [0, 1] (out-of-gamut colours are clipped)."""
+    xyz = _lab_to_xyz(lab).clamp(min=0) * _WHITE.to(lab.device).view(1, 3, 1, 1)
     lin = torch.einsum("ij,njhw->nihw", _XYZ2RGB.to(lab.device), xyz)
     lin = lin.clamp(min=0)
     rgb = torch.where(lin > 0.0031308, 1.055 * lin ** (1 / 2.4) - 0.055, 12.92 * lin)
@@ -54,10 +57,7 @@ def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
 
 def _lab_to_linear(lab: torch.Tensor) -> torch.Tensor:
     """Normalized LAB -> linear sRGB, unclipped: a channel outside [0, 1] means out of gamut."""
-    L = (lab[:, 0:1] + 1) * 50
-    fy = (L + 16) / 116
-    f = torch.cat([fy + lab[:, 1:2] * AB_NORM / 500, fy, fy - lab[:, 2:3] * AB_NORM / 200], dim=1)
-    xyz = torch.where(f > 0.2068966, f ** 3, (f - 16 / 116) / 7.787) * _WHITE.to(lab.device).view(1, 3, 1, 1)
+    xyz = _lab_to_xyz(lab) * _WHITE.to(lab.device).view(1, 3, 1, 1)
     return torch.einsum("ij,njhw->nihw", _XYZ2RGB.to(lab.device), xyz)
 
 

@@ -336,9 +336,13 @@ def test_model_resolution_keeps_aspect_within_limits():
 def test_recombine_in_strips_matches_one_piece(monkeypatch):
     img = photo(37, 41, mode="RGBA")
     ab = torch.randn(1, 2, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.5  # partly out of gamut
-    whole = np.asarray(inference.recombine(img, ab))
+    whole = np.asarray(inference.recombine(img, ab)[0])
     monkeypatch.setattr(inference, "STRIP_PIXELS", 100)  # strips of 2 rows
-    strips = np.asarray(inference.recombine(img, ab))
+    strips = np.asarray(inference.recombine(img, ab)[0])
+    # several samples at once (the input's L computed once) equal one call per sample
+    two = inference.recombine(img, torch.cat([ab, -ab]))
+    assert np.array_equal(np.asarray(two[0]), strips)
+    assert np.array_equal(np.asarray(two[1]), np.asarray(inference.recombine(img, -ab)[0]))
     assert whole.shape == (41, 37, 4)
     assert np.array_equal(whole, strips)  # per-pixel maths: strips change nothing
     assert np.abs(lightness(Image.fromarray(strips).convert("RGB")) - lightness(img)).max() < 1.0
