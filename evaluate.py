@@ -19,7 +19,7 @@ from skimage.color import deltaE_ciede2000, rgb2lab
 from tqdm import tqdm
 
 from dataset import center_crop_resize, is_validation, list_images
-from inference import DEFAULT_CHECKPOINT, DEFAULT_STEPS, colorize_batch
+from inference import DEFAULT_CHECKPOINT, DEFAULT_ETA, DEFAULT_STEPS, colorize_batch
 from model import CheckpointError, load_model
 from utils import ImageError, lab_to_rgb, load_image, pick_device, rgb_to_lab, tensor_to_pil
 
@@ -94,10 +94,12 @@ def main(argv=None):
     p.add_argument("--split", choices=["val", "all"], default="val",
                    help="val: only files of the checkpoint's held-out split (never trained on)")
     p.add_argument("--num-images", type=int, default=64)
+    p.add_argument("--skip", type=int, default=0,
+                   help="leave out the first N images: tune sampler settings on other images than those reported")
     p.add_argument("--size", type=int, default=None, help="evaluation resolution (default: the model's)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="DDIM steps")
     p.add_argument("--ddpm", action="store_true", help="the full DDPM loop instead of DDIM")
-    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--eta", type=float, default=DEFAULT_ETA, help="DDIM eta")
     p.add_argument("--dynamic-threshold", action="store_true")
     p.add_argument("--min-signal", type=float, help="override the checkpoint's sample_min_signal")
     p.add_argument("--batch-size", type=int, default=16)
@@ -114,7 +116,7 @@ def main(argv=None):
     if args.split == "val":
         names = [n for n in names if is_validation(n, c.val_percent)]
     truths = []
-    for name in names:
+    for name in names[args.skip:]:
         if len(truths) == args.num_images:
             break
         try:
@@ -135,7 +137,8 @@ def main(argv=None):
     table = markdown(m, label)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "eval.md"), "w") as f:
-        f.write(f"{len(truths)} {args.split} images at {truths[0].shape[1]}x{truths[0].shape[0]}, "
+        after = f" after the first {args.skip}" if args.skip else ""
+        f.write(f"{len(truths)} {args.split} images{after} at {truths[0].shape[1]}x{truths[0].shape[0]}, "
                 f"checkpoint {os.path.basename(args.checkpoint)}\n\n{table}\n")
     grid(truths, outputs).save(os.path.join(args.out, "grid.png"))
     print(table)

@@ -35,3 +35,20 @@ def test_evaluate_writes_table_and_grid(tiny_config, photo_dir, tmp_path):
     from PIL import Image
     grid = Image.open(out / "grid.png")
     assert grid.size == (5 * 16, 3 * 16)  # greyscale | ours | truth rows, one column per image
+
+
+def test_skip_evaluates_later_images(tiny_config, photo_dir, tmp_path):
+    """--skip K leaves out the first K images, so sampler settings can be tuned on images not reported."""
+    torch.manual_seed(0)
+    ckpt = tmp_path / "tiny.pt"
+    save_checkpoint(str(ckpt), {"config": tiny_config.to_dict(), "ema": ColorDiffusion(tiny_config).state_dict()})
+    from PIL import Image
+    truth_rows = []
+    for skip in (0, 2):
+        out = tmp_path / f"eval_{skip}"
+        evaluate.main(["--checkpoint", str(ckpt), "--data", str(photo_dir), "--split", "all", "--num-images", "4",
+                       "--skip", str(skip), "--steps", "2", "--out", str(out)])
+        truth_rows.append(np.asarray(Image.open(out / "grid.png"))[32:])  # the ground-truth row
+    # image k of the skipped run is image k + 2 of the first
+    assert np.array_equal(truth_rows[1][:, :32], truth_rows[0][:, 32:])
+    assert not np.array_equal(truth_rows[1], truth_rows[0])

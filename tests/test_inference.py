@@ -235,6 +235,16 @@ def test_ddpm_and_gif(cli, tmp_path):
     assert Image.open(tmp_path / "g_color_1.png").size == (20, 16)
     code, _, err = cli("--image-path", tmp_path / "g.png", "--ddpm", "--steps", 5)
     assert code == 2 and "--ddpm" in err
+    code, _, err = cli("--image-path", tmp_path / "g.png", "--ddpm", "--eta", 0)
+    assert code == 2 and "--eta" in err
+
+
+def test_eta_defaults_and_explicit_zero():
+    """--eta unset means DEFAULT_ETA; an explicit --eta 0 (deterministic DDIM) is kept, not taken as unset."""
+    kwargs = lambda *a: inference._sampler_kwargs(inference.parse_args(["--image-path", "x.png", *a]))  # noqa: E731
+    assert kwargs()["eta"] == inference.DEFAULT_ETA
+    assert kwargs("--eta", "0")["eta"] == 0.0 and kwargs("--eta", "0.5")["eta"] == 0.5
+    assert kwargs("--ddpm")["steps"] is None
 
 
 # ---------------------------------------------------------------------------------------------------------
