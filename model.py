@@ -27,6 +27,7 @@ class Config:
     schedule: str = "cosine"      # "cosine" or "linear" (the original's)
     ab_scale: float = 4.0         # ab_n is multiplied by this before noising
     min_snr_gamma: float = 5.0    # Min-SNR loss weighting min(SNR, gamma) / SNR; 0 = plain MSE
+    snr_floor: float = 0.0        # and weight f / SNR (at most 1 / f) where SNR < f, the noisiest steps; 0 = off
     sample_min_signal: float = 0.1  # sampling starts at the noisiest t whose sqrt(alphas_cumprod) >= this
     ab_mean: tuple = (0.0, 0.0)   # mean ab_n of the training images (train.py measures it): sampling starts there
     # data
@@ -154,6 +155,13 @@ class ColorDiffusion(nn.Module):
             a = self.alphas_cumprod[t].float()
             snr = a / (1 - a)
             loss = loss * snr.clamp(max=self.config.min_snr_gamma) / snr
+        if self.config.snr_floor > 0:
+            # An x0 error there moves the noise only sqrt(SNR) as much, so the plain noise loss barely sees
+            # it: measured, the x0 such a model implies at signal 0.05 is worse than the mean colour. At those
+            # steps sampling decides each picture's overall colours.
+            f = self.config.snr_floor
+            a = self.alphas_cumprod[t].float()
+            loss = loss * (f * (1 - a) / a).clamp(1, 1 / f)
         return loss.mean()
 
     loss = forward

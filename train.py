@@ -30,6 +30,7 @@ HELP = {
     "dim_mults": "width multiplier per UNet level", "attention": "linear attention per level + full in the middle",
     "timesteps": "diffusion steps T", "schedule": "noise schedule: cosine or linear (the original's)",
     "ab_scale": "ab/110 is multiplied by this before noising", "min_snr_gamma": "Min-SNR loss weighting; 0 = off",
+    "snr_floor": "up-weight the noise loss of steps with SNR below this (x0 weight at least this); 0 = off",
     "data": "folder of colour photos", "cache_dir": "where the decoded LAB cache is kept",
     "val_percent": "held-out percentage of files (by file-name hash)", "out_dir": "checkpoints, sample grids, log",
     "batch_size": "global batch size (split across torchrun processes)", "lr": "peak AdamW learning rate",

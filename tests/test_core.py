@@ -133,7 +133,11 @@ def test_loss_noises_only_ab_and_passes_L_unchanged(tiny_config, monkeypatch):
     weight = snr.clamp(max=tiny_config.min_snr_gamma) / snr  # Min-SNR: 1 at low SNR, gamma/SNR above it
     assert weight.min() < 1 and weight.max() == 1
     assert loss.item() == pytest.approx((per_sample * weight).mean().item(), rel=1e-6)
-    m.config.min_snr_gamma = 0  # off: the plain MSE of the noise
+    m.config.snr_floor = 0.5  # the noisiest steps weigh f / SNR more, at most 1 / f
+    floor = (0.5 / snr).clamp(1, 2)
+    assert floor.max() == 2 and floor.min() == 1  # t=49 is pure noise, t=0 nearly clean
+    assert m(lab, t=t, noise=noise).item() == pytest.approx((per_sample * weight * floor).mean().item(), rel=1e-6)
+    m.config.min_snr_gamma = m.config.snr_floor = 0  # off: the plain MSE of the noise
     assert m(lab, t=t, noise=noise).item() == pytest.approx(per_sample.mean().item(), rel=1e-6)
 
 
