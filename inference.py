@@ -39,6 +39,7 @@ DEFAULT_ETA = 1.0  # DDIM's stochasticity: 1 beat 0 on PSNR, CIEDE2000 and colou
 DEFAULT_BATCH = 16
 STRIP_PIXELS = 1 << 19  # recombine() works on horizontal strips of about this many pixels
 SAVE_PARAMS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}}  # PIL's default JPEG quality 75 blurs L
+EXIF_FORMATS = {"JPEG", "PNG", "WEBP", "TIFF"}
 
 
 def greyscale_rgb(img: Image.Image) -> tuple[torch.Tensor, Image.Image | None]:
@@ -320,6 +321,16 @@ def _sampler_kwargs(args):
                 amp=None if args.amp == "auto" else args.amp == "on")
 
 
+def _save_params(fmt, source: Image.Image):
+    """The format's quality settings, and the input's EXIF (date, camera, ...) where the format keeps it.
+    load_image has already applied and removed its orientation tag."""
+    params = dict(SAVE_PARAMS.get(fmt, {}))
+    exif = source.getexif()
+    if len(exif) and fmt in EXIF_FORMATS:
+        params["exif"] = exif
+    return params
+
+
 def run_file(args, device):
     src = args.image_path
     stem, ext = os.path.splitext(os.path.basename(src))
@@ -364,7 +375,7 @@ def run_file(args, device):
     if results[0].mode == "RGBA" and fmt == "JPEG":
         print(f"note: JPEG has no transparency: {out} drops the alpha channel (.png keeps it)", file=sys.stderr)
     for path, result in zip(outputs, results):
-        save_image(result, path, **SAVE_PARAMS.get(fmt, {}))
+        save_image(result, path, **_save_params(fmt, img))
         print(path)
     if recorder:
         recorder.save(args.save_gif, results)
@@ -420,10 +431,10 @@ def run_folder(args, device):
             failed.extend(f"{i}: {type(e).__name__}: {e}".splitlines()[0] for i, _, _ in batch)
             bar.update(len(batch))
             return
-        for (i, outs, _), result in zip(batch, results):
+        for (i, outs, img), result in zip(batch, results):
             try:
                 for path, r in zip(outs, result):
-                    save_image(r, path, **SAVE_PARAMS.get(_writable_ext(path), {}))
+                    save_image(r, path, **_save_params(_writable_ext(path), img))
                 done += 1
             except (ImageError, UsageError) as e:
                 failed.append(str(e))

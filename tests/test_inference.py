@@ -147,16 +147,22 @@ def test_16bit_palette_cmyk_and_bilevel_inputs(cli, tmp_path):
     assert lightness(Image.open(tmp_path / "out_dark16.png.png")).max() < 5  # not stretched as if 8-bit
 
 
-def test_exif_rotated_jpeg_comes_out_as_displayed(cli, tmp_path):
+def test_exif_rotated_jpeg_comes_out_as_displayed_with_its_exif(cli, tmp_path):
     img = photo(40, 24)  # stored 40 wide; EXIF orientation 6 displays it rotated, 24 wide and 40 high
     exif = Image.Exif()
     exif[0x0112] = 6
+    exif[0x0132] = "1931:05:04 10:00:00"  # DateTime
     img.save(tmp_path / "rot.jpg", exif=exif, quality=95)
     shown = ImageOps.exif_transpose(Image.open(tmp_path / "rot.jpg"))
     assert shown.size == (24, 40)
-    code, _, err = cli("--image-path", tmp_path / "rot.jpg", "--output", tmp_path / "rot_out.png", "--steps", 2)
-    assert code == 0, err
-    assert Image.open(tmp_path / "rot_out.png").size == (24, 40)
+    for out in ("rot_out.png", "rot_out.jpg", "rot_out.webp", "rot_out.tif"):
+        code, _, err = cli("--image-path", tmp_path / "rot.jpg", "--output", tmp_path / out, "--steps", 2)
+        assert code == 0, err
+        result = Image.open(tmp_path / out)
+        assert result.size == (24, 40)
+        # the photo's EXIF goes along, without the orientation that was already applied
+        assert result.getexif().get(0x0132) == "1931:05:04 10:00:00", out
+        assert result.getexif().get(0x0112, 1) == 1, out
     assert_same_lightness(tmp_path / "rot_out.png", lightness(shown))
 
 
