@@ -9,6 +9,7 @@ Metrics (mean over images), for our outputs and for the greyscale baseline (the 
 Writes <out>/eval.md (a markdown table) and <out>/grid.png (rows: greyscale | ours | truth).
 """
 import argparse
+import math
 import os
 import sys
 
@@ -21,7 +22,7 @@ from tqdm import tqdm
 from dataset import center_crop_resize, is_validation, list_images
 from inference import DEFAULT_CHECKPOINT, DEFAULT_ETA, DEFAULT_STEPS, colorize_batch
 from model import CheckpointError, load_model
-from utils import ImageError, lab_to_rgb, load_image, pick_device, rgb_to_lab, tensor_to_pil
+from utils import ImageError, bf16_is_fast, lab_to_rgb, load_image, pick_device, rgb_to_lab, tensor_to_pil
 
 
 def psnr(a, b):
@@ -68,6 +69,36 @@ def evaluate(model, truths, batch_size=16, seed=0, **sample_kwargs):
     m = {k: float(np.mean(v)) for k, v in rows.items()}
     m["dcf"] = abs(m["cf"] - m["cf_truth"])
     return m, outputs
+
+
+@torch.no_grad()
+def x0_errors(model, truths, levels=(0.02, 0.05, 0.1, 0.2, 0.4), seed=0, batch_size=64):
+    """At each signal level sqrt(a_t): the mean squared error (in ab/110 units) of the colours the model
+    implies from one noised x_t of each truth, next to that of always answering the training data's mean
+    colour. Where the model is no better than that constant, sampling gains nothing by starting there."""
+    device = next(model.parameters()).device
+    c = model.config
+    g = torch.Generator(device).manual_seed(seed)
+    mean = torch.tensor(c.ab_mean, device=device).view(1, 2, 1, 1)
+    ac = model.alphas_cumprod
+    errors = {s: [0.0, 0.0] for s in levels}
+    for start in range(0, len(truths), batch_size):
+        rgb = torch.tensor(np.stack(truths[start:start + batch_size])).permute(0, 3, 1, 2).float() / 255.0
+        lab = rgb_to_lab(rgb).to(device)
+        L, ab = lab[:, :1], lab[:, 1:]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_is_fast(device)):
+            denoise = model.denoiser(L)
+            for s in levels:
+                t = int((ac.sqrt() >= s).sum()) - 1
+                a = ac[t].item()
+                noise = torch.randn(ab.shape, generator=g, device=device)
+                x = math.sqrt(a) * ab * c.ab_scale + math.sqrt(1 - a) * noise
+                x0 = (x - math.sqrt(1 - a) * denoise(x, t).float()) / math.sqrt(a)
+                x0 = x0.clamp(-c.ab_scale, c.ab_scale) / c.ab_scale  # clipped, as the samplers do
+                errors[s][0] += (x0 - ab).pow(2).sum().item()
+                errors[s][1] += (mean - ab).pow(2).sum().item()
+    n = len(truths) * truths[0].shape[0] * truths[0].shape[1] * 2
+    return [(s, model_err / n, mean_err / n) for s, (model_err, mean_err) in errors.items()]
 
 
 def markdown(m, label):
@@ -135,6 +166,9 @@ def main(argv=None):
     m, outputs = evaluate(model, truths, batch_size=args.batch_size, seed=args.seed, steps=steps, eta=args.eta,
                           dynamic_thresholding=args.dynamic_threshold)
     table = markdown(m, label)
+    table += "\n\nColour error of the model's x0 by noise level (MSE in ab/110 units; see x0_errors):\n\n" + \
+        "| signal sqrt(a_t) | model | mean colour |\n|---|---|---|\n" + \
+        "\n".join(f"| {s} | {e:.4f} | {e0:.4f} |" for s, e, e0 in x0_errors(model, truths, seed=args.seed))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "eval.md"), "w") as f:
         after = f" after the first {args.skip}" if args.skip else ""

@@ -52,3 +52,29 @@ def test_skip_evaluates_later_images(tiny_config, photo_dir, tmp_path):
     # image k of the skipped run is image k + 2 of the first
     assert np.array_equal(truth_rows[1][:, :32], truth_rows[0][:, 32:])
     assert not np.array_equal(truth_rows[1], truth_rows[0])
+
+
+def test_x0_errors_of_an_oracle_and_of_the_mean(tiny_config, monkeypatch):
+    """A denoiser that knows the true noise implies the true colours at every level (error 0); the
+    mean-colour column is the plain MSE of the truth's ab against the config's ab_mean."""
+    from utils import rgb_to_lab
+    rng = np.random.default_rng(0)
+    truths = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(3)]
+    tiny_config.ab_mean = (0.05, -0.02)
+    model = ColorDiffusion(tiny_config).eval()
+    ab = rgb_to_lab(torch.tensor(np.stack(truths)).permute(0, 3, 1, 2).float() / 255.0)[:, 1:]
+    ac, s = model.alphas_cumprod, tiny_config.ab_scale
+
+    batches = iter(ab.split(2))  # the oracle is asked per batch of 2 images, in order
+
+    def oracle(L):
+        truth = next(batches)
+        return lambda x, t: (x - ac[t].sqrt().float() * truth * s) / (1 - ac[t]).sqrt().float()
+    untrained = evaluate.x0_errors(model, truths, batch_size=2)
+    monkeypatch.setattr(model, "denoiser", oracle)
+    rows = evaluate.x0_errors(model, truths, batch_size=2)  # 2 batches: the means are over all 3 images
+    expected_mean = (ab - torch.tensor([0.05, -0.02]).view(1, 2, 1, 1)).pow(2).mean().item()
+    assert [r[0] for r in rows] == [0.02, 0.05, 0.1, 0.2, 0.4]
+    for (_, err, mean_err), (_, err_untrained, _) in zip(rows, untrained):
+        assert err < 1e-6 < err_untrained
+        assert mean_err == pytest.approx(expected_mean, rel=1e-4)
