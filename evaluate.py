@@ -1,12 +1,14 @@
 """Evaluate colorization on held-out colour photos: colorize each from its greyscale, compare with the truth.
 
-    python evaluate.py --data ../shared/data/celeba --num-images 64 --steps 50
+    python evaluate.py --data ../shared/data/celeba --num-images 64
 
 Metrics (mean over images), for our outputs and for the greyscale baseline (the input itself):
   PSNR      on RGB, higher is better
   dE00      mean CIEDE2000 colour difference per pixel (scikit-image), lower is better
   CF        Hasler-Suesstrunk colourfulness M3 = sigma_rgyb + 0.3 mu_rgyb; dCF = |CF(outputs) - CF(truth)|
-Writes <out>/eval.md (a markdown table) and <out>/grid.png (rows: greyscale | ours | truth).
+Writes <out>/eval.md (a markdown table) and <out>/grid.png (rows: greyscale | ours | truth). eval.md also
+gives the colour error of the model's x0 at several noise levels (x0_errors), which shows where sampling
+can start (Config.sample_min_signal).
 """
 import argparse
 import math
