@@ -27,7 +27,7 @@ class Config:
     schedule: str = "cosine"      # "cosine" or "linear" (the original's)
     ab_scale: float = 4.0         # ab_n is multiplied by this before noising
     min_snr_gamma: float = 5.0    # Min-SNR loss weighting min(SNR, gamma) / SNR; 0 = plain MSE
-    snr_floor: float = 0.0        # and weight f / SNR (at most 1 / f) where SNR < f, the noisiest steps; 0 = off
+    snr_floor: float = 0.05       # and weight f / SNR (at most 1 / f) where SNR < f, the noisiest steps; 0 = off
     sample_min_signal: float = 0.1  # sampling starts at the noisiest t whose sqrt(alphas_cumprod) >= this
     ab_mean: tuple = (0.0, 0.0)   # mean ab_n of the training images (train.py measures it): sampling starts there
     # data
@@ -42,7 +42,7 @@ class Config:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
-    max_steps: int = 3200
+    max_steps: int = 6400
     log_every: int = 50
     eval_every: int = 400         # validation loss + sample grid
     ckpt_every: int = 200

@@ -119,7 +119,7 @@ def test_loss_noises_only_ab_and_passes_L_unchanged(tiny_config, monkeypatch):
 
     monkeypatch.setattr(m.unet, "forward", spy_unet)
     monkeypatch.setattr(m.encoder, "forward", spy_enc)
-    loss = m(lab, t=t, noise=noise)
+    m(lab, t=t, noise=noise)
     x = seen["unet_in"]
     assert x.shape == (3, 3, 16, 16)
     assert torch.equal(x[:, :1], lab[:, :1])  # L goes in exactly as given: never noised
@@ -132,11 +132,13 @@ def test_loss_noises_only_ab_and_passes_L_unchanged(tiny_config, monkeypatch):
     snr = a / (1 - a)
     weight = snr.clamp(max=tiny_config.min_snr_gamma) / snr  # Min-SNR: 1 at low SNR, gamma/SNR above it
     assert weight.min() < 1 and weight.max() == 1
-    assert loss.item() == pytest.approx((per_sample * weight).mean().item(), rel=1e-6)
-    m.config.snr_floor = 0.5  # the noisiest steps weigh f / SNR more, at most 1 / f
-    floor = (0.5 / snr).clamp(1, 2)
-    assert floor.max() == 2 and floor.min() == 1  # t=49 is pure noise, t=0 nearly clean
-    assert m(lab, t=t, noise=noise).item() == pytest.approx((per_sample * weight * floor).mean().item(), rel=1e-6)
+    for f in (m.config.snr_floor, 0.5):  # the noisiest steps weigh f / SNR more, at most 1 / f
+        m.config.snr_floor = f
+        floor = (f / snr).clamp(1, 1 / f)
+        assert floor.max() == 1 / f and floor.min() == 1  # t=49 is pure noise, t=0 nearly clean
+        assert m(lab, t=t, noise=noise).item() == pytest.approx((per_sample * weight * floor).mean().item(), rel=1e-6)
+    m.config.snr_floor = 0  # Min-SNR alone
+    assert m(lab, t=t, noise=noise).item() == pytest.approx((per_sample * weight).mean().item(), rel=1e-6)
     m.config.min_snr_gamma = m.config.snr_floor = 0  # off: the plain MSE of the noise
     assert m(lab, t=t, noise=noise).item() == pytest.approx(per_sample.mean().item(), rel=1e-6)
 
