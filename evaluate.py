@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from dataset import center_crop_resize, is_validation, list_images
 from inference import DEFAULT_CHECKPOINT, DEFAULT_ETA, DEFAULT_STEPS, colorize_batch
-from model import CheckpointError, load_model
+from model import CheckpointError, load_model, q_sample
 from utils import ImageError, bf16_is_fast, lab_to_rgb, load_image, pick_device, rgb_to_lab, tensor_to_pil
 
 
@@ -83,24 +83,24 @@ def x0_errors(model, truths, levels=(0.02, 0.05, 0.1, 0.2, 0.4), seed=0, batch_s
     g = torch.Generator(device).manual_seed(seed)
     mean = torch.tensor(c.ab_mean, device=device).view(1, 2, 1, 1)
     ac = model.alphas_cumprod
-    errors = {s: [0.0, 0.0] for s in levels}
+    errors, mean_error = {s: 0.0 for s in levels}, 0.0
     for start in range(0, len(truths), batch_size):
         rgb = torch.tensor(np.stack(truths[start:start + batch_size])).permute(0, 3, 1, 2).float() / 255.0
         lab = rgb_to_lab(rgb).to(device)
         L, ab = lab[:, :1], lab[:, 1:]
+        mean_error += (mean - ab).pow(2).sum().item()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_is_fast(device)):
             denoise = model.denoiser(L)
             for s in levels:
-                t = int((ac.sqrt() >= s).sum()) - 1
+                t = len(model.sampling_schedule(s)) - 1  # where sampling would start for this level
                 a = ac[t].item()
                 noise = torch.randn(ab.shape, generator=g, device=device)
-                x = math.sqrt(a) * ab * c.ab_scale + math.sqrt(1 - a) * noise
+                x = q_sample(ab * c.ab_scale, torch.full((len(ab),), t, device=device), noise, ac)
                 x0 = (x - math.sqrt(1 - a) * denoise(x, t).float()) / math.sqrt(a)
                 x0 = x0.clamp(-c.ab_scale, c.ab_scale) / c.ab_scale  # clipped, as the samplers do
-                errors[s][0] += (x0 - ab).pow(2).sum().item()
-                errors[s][1] += (mean - ab).pow(2).sum().item()
+                errors[s] += (x0 - ab).pow(2).sum().item()
     n = len(truths) * truths[0].shape[0] * truths[0].shape[1] * 2
-    return [(s, model_err / n, mean_err / n) for s, (model_err, mean_err) in errors.items()]
+    return [(s, error / n, mean_error / n) for s, error in errors.items()]
 
 
 def markdown(m, label):

@@ -149,19 +149,18 @@ class ColorDiffusion(nn.Module):
         x_t = q_sample(ab, t, noise, self.alphas_cumprod)
         pred = self.unet(torch.cat([L, x_t], dim=1), t, self.encoder(L))
         loss = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))
+        a = self.alphas_cumprod[t].float()
+        snr = a / (1 - a)
         if self.config.min_snr_gamma > 0:
             # Min-SNR (Hang et al. 2023): the nearly unpredictable noise of low-t steps would otherwise
             # dominate the gradient, at the expense of the noisier steps where the colours are decided
-            a = self.alphas_cumprod[t].float()
-            snr = a / (1 - a)
             loss = loss * snr.clamp(max=self.config.min_snr_gamma) / snr
         if self.config.snr_floor > 0:
             # An x0 error there moves the noise only sqrt(SNR) as much, so the plain noise loss barely sees
             # it: measured, the x0 such a model implies at signal 0.05 is worse than the mean colour. At those
             # steps sampling decides each picture's overall colours.
             f = self.config.snr_floor
-            a = self.alphas_cumprod[t].float()
-            loss = loss * (f * (1 - a) / a).clamp(1, 1 / f)
+            loss = loss * (f / snr).clamp(1, 1 / f)
         return loss.mean()
 
     loss = forward
@@ -175,13 +174,15 @@ class ColorDiffusion(nn.Module):
             return self.unet(torch.cat([L, x.to(L.dtype)], dim=1), t, feats)
         return denoise
 
-    def sampling_schedule(self):
-        """alphas_cumprod up to the timestep sampling starts from. Near t = T the x0 implied by predicted
+    def sampling_schedule(self, min_signal=None):
+        """alphas_cumprod up to the timestep sampling starts from (by default, config.sample_min_signal's).
+        Near t = T the x0 implied by predicted
         noise is the noise's error amplified 1/sqrt(a_t) times (7000x at the cosine schedule's last step):
         those steps only inject saturated colour. So sampling starts, from pure noise, at the noisiest t whose
         signal level sqrt(a_t) is still sample_min_signal; pure noise differs from the true x_t there by at
         most that fraction of the (small) colour signal."""
-        return self.alphas_cumprod[: int((self.alphas_cumprod.sqrt() >= self.config.sample_min_signal).sum())]
+        min_signal = self.config.sample_min_signal if min_signal is None else min_signal
+        return self.alphas_cumprod[: int((self.alphas_cumprod.sqrt() >= min_signal).sum())]
 
     @torch.no_grad()
     def sample(self, L, steps=None, eta=0.0, dynamic_thresholding=False, generator=None, callback=None):
