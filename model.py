@@ -27,8 +27,9 @@ class Config:
     schedule: str = "cosine"      # "cosine" or "linear" (the original's)
     ab_scale: float = 4.0         # ab_n is multiplied by this before noising
     min_snr_gamma: float = 5.0    # Min-SNR loss weighting min(SNR, gamma) / SNR; 0 = plain MSE
-    snr_floor: float = 0.05       # and weight f / SNR (at most 1 / f) where SNR < f, the noisiest steps; 0 = off
-    sample_min_signal: float = 0.1  # sampling starts at the noisiest t whose sqrt(alphas_cumprod) >= this
+    snr_floor: float = 0.05       # and weight f / SNR where SNR < f, the noisiest steps; 0 = off
+    snr_floor_cap: float = 20.0   # at most this weight: 20 keeps the floor's x0 weight down to signal ~0.05
+    sample_min_signal: float = 0.07  # sampling starts at the noisiest t whose sqrt(alphas_cumprod) >= this
     ab_mean: tuple = (0.0, 0.0)   # mean ab_n of the training images (train.py measures it): sampling starts there
     # data
     data: str = "img_align_celeba"
@@ -42,7 +43,7 @@ class Config:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
-    max_steps: int = 6400
+    max_steps: int = 9200
     log_every: int = 50
     eval_every: int = 400         # validation loss + sample grid
     ckpt_every: int = 200
@@ -159,8 +160,9 @@ class ColorDiffusion(nn.Module):
             # An x0 error there moves the noise only sqrt(SNR) as much, so the plain noise loss barely sees
             # it: measured, the x0 such a model implies at signal 0.05 is worse than the mean colour. At those
             # steps sampling decides each picture's overall colours.
+            # The cap: the network's own imprecision in the noise is multiplied by the weight too.
             f = self.config.snr_floor
-            loss = loss * (f / snr).clamp(1, 1 / f)
+            loss = loss * (f / snr).clamp(1, self.config.snr_floor_cap)
         return loss.mean()
 
     loss = forward
@@ -252,9 +254,13 @@ def load_model(path, device="cpu", use_ema=True):
     return model.to(device, memory_format=torch.channels_last).eval()
 
 
-def export_inference_checkpoint(src, dst):
-    """Keep only what inference needs: the EMA weights in fp16 and the config."""
+def export_inference_checkpoint(src, dst, sample_min_signal=None):
+    """Keep only what inference needs: the EMA weights in fp16 and the config. `sample_min_signal`, if given,
+    replaces the run's: where sampling starts is best chosen by evaluation after training."""
     ckpt = load_checkpoint(src)
     weights = ckpt.get("ema", ckpt.get("model"))
-    save_checkpoint(dst, {"config": ckpt["config"], "ema": {k: v.half() for k, v in weights.items()},
+    config = dict(ckpt["config"])
+    if sample_min_signal is not None:
+        config["sample_min_signal"] = sample_min_signal
+    save_checkpoint(dst, {"config": config, "ema": {k: v.half() for k, v in weights.items()},
                           "step": ckpt.get("step", 0)})

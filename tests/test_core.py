@@ -132,10 +132,10 @@ def test_loss_noises_only_ab_and_passes_L_unchanged(tiny_config, monkeypatch):
     snr = a / (1 - a)
     weight = snr.clamp(max=tiny_config.min_snr_gamma) / snr  # Min-SNR: 1 at low SNR, gamma/SNR above it
     assert weight.min() < 1 and weight.max() == 1
-    for f in (m.config.snr_floor, 0.5):  # the noisiest steps weigh f / SNR more, at most 1 / f
-        m.config.snr_floor = f
-        floor = (f / snr).clamp(1, 1 / f)
-        assert floor.max() == 1 / f and floor.min() == 1  # t=49 is pure noise, t=0 nearly clean
+    for f, cap in ((m.config.snr_floor, m.config.snr_floor_cap), (0.5, 2.0), (0.05, 125.0)):
+        m.config.snr_floor, m.config.snr_floor_cap = f, cap  # the noisiest steps weigh f / SNR more, at most cap
+        floor = (f / snr).clamp(1, cap)
+        assert floor.max() == cap and floor.min() == 1  # t=49 is pure noise, t=0 nearly clean
         assert m(lab, t=t, noise=noise).item() == pytest.approx((per_sample * weight * floor).mean().item(), rel=1e-6)
     m.config.snr_floor = 0  # Min-SNR alone
     assert m(lab, t=t, noise=noise).item() == pytest.approx((per_sample * weight).mean().item(), rel=1e-6)
@@ -369,6 +369,10 @@ def test_exported_checkpoint_is_fp16_ema_and_samples_closely(tiny_config, tmp_pa
     # clip boundary, where fp16 rounding can move a few pixels off it, so the bound is on the mean.
     b = _sample(ema, L, 0, steps=10)
     assert (a - b).abs().mean().item() < 1e-2
+    # train.py --export can replace the sampling start (chosen by evaluation); nothing else changes
+    assert loaded.config == tiny_config
+    train.main(["--out-dir", str(tmp_path), "--export", str(dst), "--sample-min-signal", "0.07"])
+    assert load_model(str(dst)).config == Config(**{**tiny_config.to_dict(), "sample_min_signal": 0.07})
 
 
 def test_load_checkpoint_rejects_bad_files(tmp_path):
