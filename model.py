@@ -178,11 +178,10 @@ class ColorDiffusion(nn.Module):
 
     def sampling_schedule(self, min_signal=None):
         """alphas_cumprod up to the timestep sampling starts from (by default, config.sample_min_signal's).
-        Near t = T the x0 implied by predicted
-        noise is the noise's error amplified 1/sqrt(a_t) times (7000x at the cosine schedule's last step):
-        those steps only inject saturated colour. So sampling starts, from pure noise, at the noisiest t whose
-        signal level sqrt(a_t) is still sample_min_signal; pure noise differs from the true x_t there by at
-        most that fraction of the (small) colour signal."""
+        Near t = T the x0 implied by predicted noise is the noise's error amplified 1/sqrt(a_t) times (7000x
+        at the cosine schedule's last step): those steps only inject saturated colour. So sampling starts,
+        from pure noise, at the noisiest t whose signal level sqrt(a_t) is still sample_min_signal; pure noise
+        differs from the true x_t there by at most that fraction of the (small) colour signal."""
         min_signal = self.config.sample_min_signal if min_signal is None else min_signal
         return self.alphas_cumprod[: int((self.alphas_cumprod.sqrt() >= min_signal).sum())]
 
