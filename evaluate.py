@@ -11,7 +11,7 @@ gives the colour error of the model's x0 at several noise levels (x0_errors), wh
 can start (Config.sample_min_signal).
 """
 import argparse
-import math
+import dataclasses
 import os
 import sys
 
@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from dataset import center_crop_resize, is_validation, list_images
 from inference import DEFAULT_CHECKPOINT, DEFAULT_ETA, DEFAULT_STEPS, colorize_batch
-from model import CheckpointError, load_model, q_sample
+from model import CheckpointError, load_model, predict_x0, q_sample
 from utils import ImageError, bf16_is_fast, lab_to_rgb, load_image, pick_device, rgb_to_lab, tensor_to_pil
 
 
@@ -96,7 +96,7 @@ def x0_errors(model, truths, levels=(0.02, 0.05, 0.1, 0.2, 0.4), seed=0, batch_s
                 a = ac[t].item()
                 noise = torch.randn(ab.shape, generator=g, device=device)
                 x = q_sample(ab * c.ab_scale, torch.full((len(ab),), t, device=device), noise, ac)
-                x0 = (x - math.sqrt(1 - a) * denoise(x, t).float()) / math.sqrt(a)
+                x0 = predict_x0(x, denoise(x, t).float(), a)
                 x0 = x0.clamp(-c.ab_scale, c.ab_scale) / c.ab_scale  # clipped, as the samplers do
                 errors[s] += (x0 - ab).pow(2).sum().item()
     n = len(truths) * truths[0].shape[0] * truths[0].shape[1] * 2
@@ -142,9 +142,9 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     model = load_model(args.checkpoint, pick_device(args.device))
+    if args.min_signal is not None:  # replace() validates it as the config would
+        model.config = dataclasses.replace(model.config, sample_min_signal=args.min_signal)
     c = model.config
-    if args.min_signal is not None:
-        c.sample_min_signal = args.min_signal
     names = list_images(args.data)
     if args.split == "val":
         names = [n for n in names if is_validation(n, c.val_percent)]

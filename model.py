@@ -52,6 +52,36 @@ class Config:
     device: str = "auto"          # auto, cpu, cuda
     amp: str = "auto"             # bf16 autocast: auto (on), on, off
 
+    def __post_init__(self):
+        """Reject what would otherwise fail deep inside training or sampling, with a traceback, or silently."""
+        levels = 2 ** (len(self.dim_mults) - 1)
+        checks = [
+            (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}"),
+            (self.dim >= 1 and len(self.dim_mults) >= 1 and min(self.dim_mults) >= 1,
+             "dim and dim_mults must be positive"),
+            (self.image_size >= levels and self.image_size % levels == 0,
+             f"image_size must be a multiple of {levels} (the UNet halves it {len(self.dim_mults) - 1} times)"),
+            (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
+            (self.timesteps >= 2, "timesteps must be at least 2"),
+            (self.ab_scale > 0, "ab_scale must be positive"),
+            (self.min_snr_gamma >= 0 and self.snr_floor >= 0 and self.snr_floor_cap >= 1,
+             "min_snr_gamma and snr_floor must be >= 0, snr_floor_cap >= 1"),
+            (0 <= self.sample_min_signal < 1, "sample_min_signal must be in [0, 1): 0 starts from t = T"),
+            (0 <= self.val_percent < 100, "val_percent must be in [0, 100)"),
+            (self.batch_size >= 1 and self.lr > 0 and self.grad_clip > 0,
+             "batch_size, lr and grad_clip must be positive"),
+            (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)"),
+            (min(self.warmup_steps, self.max_steps, self.num_workers, self.weight_decay) >= 0,
+             "warmup_steps, max_steps, num_workers and weight_decay must be >= 0"),
+            (min(self.log_every, self.eval_every, self.ckpt_every) >= 1, "log/eval/ckpt_every must be at least 1"),
+            (self.amp in ("auto", "on", "off"), f"amp must be auto, on or off, not {self.amp!r}"),
+            (self.device in ("auto", "cpu") or self.device.split(":")[0] == "cuda",
+             f"device must be auto, cpu or cuda[:N], not {self.device!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"config: {message}")
+
     @classmethod
     def from_dict(cls, d):
         known = {f.name for f in fields(cls)}
@@ -93,6 +123,11 @@ def q_sample(x0, t, noise, alphas_cumprod):
 # ---------------------------------------------------------------------------------------------------------
 # samplers: pure functions of a denoiser eps = denoise(x_t, t) and the schedule
 
+def predict_x0(x, eps, a):
+    """The clean sample that predicted noise eps implies at x = x_t, with a = alphas_cumprod[t] (a float)."""
+    return (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+
+
 def dynamic_threshold(x0, percentile=0.995, bound=1.0):
     """Imagen's dynamic thresholding: clamp each sample to its `percentile` of |x0| (at least `bound`)
     and rescale into [-bound, bound], so saturated pixels cannot drag the whole image off the data range."""
@@ -109,7 +144,7 @@ def ddim_sample(denoise, x, alphas_cumprod, steps, eta=0.0, generator=None, thre
         a_t = alphas_cumprod[t].item()
         a_prev = alphas_cumprod[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
         eps = denoise(x, t).float()
-        x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        x0 = predict_x0(x, eps, a_t)
         if threshold is not None:
             x0 = threshold(x0)
             eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
@@ -183,7 +218,8 @@ class ColorDiffusion(nn.Module):
         from pure noise, at the noisiest t whose signal level sqrt(a_t) is still sample_min_signal; pure noise
         differs from the true x_t there by at most that fraction of the (small) colour signal."""
         min_signal = self.config.sample_min_signal if min_signal is None else min_signal
-        return self.alphas_cumprod[: int((self.alphas_cumprod.sqrt() >= min_signal).sum())]
+        # at least one step, however close to 1 min_signal is
+        return self.alphas_cumprod[: max(1, int((self.alphas_cumprod.sqrt() >= min_signal).sum()))]
 
     @torch.no_grad()
     def sample(self, L, steps=None, eta=0.0, dynamic_thresholding=False, generator=None, callback=None):
@@ -247,7 +283,11 @@ def load_checkpoint(path, map_location="cpu"):
 def load_model(path, device="cpu", use_ema=True):
     """A ready-to-sample model (eval mode, float32) from any checkpoint: training or shipped."""
     ckpt = load_checkpoint(path)
-    model = ColorDiffusion(Config.from_dict(ckpt["config"]))
+    try:
+        config = Config.from_dict(ckpt["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    model = ColorDiffusion(config)
     weights = ckpt["ema"] if use_ema and "ema" in ckpt else ckpt.get("model", ckpt.get("ema"))
     model.load_state_dict({k: v.float() for k, v in weights.items()})
     return model.to(device, memory_format=torch.channels_last).eval()
@@ -261,5 +301,6 @@ def export_inference_checkpoint(src, dst, sample_min_signal=None):
     config = dict(ckpt["config"])
     if sample_min_signal is not None:
         config["sample_min_signal"] = sample_min_signal
+    config = Config.from_dict(config).to_dict()  # validated before it is written
     save_checkpoint(dst, {"config": config, "ema": {k: v.half() for k, v in weights.items()},
                           "step": ckpt.get("step", 0)})

@@ -373,6 +373,34 @@ def test_exported_checkpoint_is_fp16_ema_and_samples_closely(tiny_config, tmp_pa
     assert loaded.config == tiny_config
     train.main(["--out-dir", str(tmp_path), "--export", str(dst), "--sample-min-signal", "0.07"])
     assert load_model(str(dst)).config == Config(**{**tiny_config.to_dict(), "sample_min_signal": 0.07})
+    with pytest.raises(ValueError, match="sample_min_signal must be in"):
+        train.main(["--out-dir", str(tmp_path), "--export", str(tmp_path / "bad.pt"), "--sample-min-signal", "1.5"])
+    assert not (tmp_path / "bad.pt").exists()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("schedule", "quadratic", "schedule must be one of"), ("image_size", 60, "multiple of 8"),
+    ("timesteps", 1, "timesteps"), ("ab_scale", 0.0, "ab_scale"), ("sample_min_signal", 1.0, "sample_min_signal"),
+    ("ema_decay", 1.0, "ema_decay"), ("batch_size", 0, "batch_size"), ("amp", "maybe", "amp"),
+    ("device", "tpu", "device"), ("val_percent", 100.0, "val_percent"), ("dim_mults", (1, 0), "dim_mults")])
+def test_config_rejects_values_that_would_fail_later(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        Config(**{field: value})
+
+
+def test_bad_config_value_is_a_one_line_error_before_any_work(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--schedule", "quadratic",
+                        "--data", "/nonexistent", "--out-dir", str(tmp_path / "run")],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == ["error: config: schedule must be one of linear, cosine, not 'quadratic'"]
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_sampling_schedule_keeps_at_least_one_step(tiny_config):
+    m = ColorDiffusion(tiny_config)
+    assert m.alphas_cumprod[0].sqrt() < 0.99999  # no timestep has that much signal...
+    assert len(m.sampling_schedule(0.99999)) == 1  # ...yet sampling still runs its last step
 
 
 def test_load_checkpoint_rejects_bad_files(tmp_path):
@@ -388,6 +416,10 @@ def test_load_checkpoint_rejects_bad_files(tmp_path):
     torch.save({"weights": torch.zeros(3)}, other)
     with pytest.raises(CheckpointError, match="not a Color Diffusion checkpoint"):
         load_model(str(other))
+    invalid = tmp_path / "invalid.pt"
+    torch.save({"config": {"schedule": "quadratic"}, "ema": {}}, invalid)
+    with pytest.raises(CheckpointError, match="invalid.pt: config: schedule must be one of"):
+        load_model(str(invalid))
     code = tmp_path / "code.pt"
     torch.save({"config": {}, "model": NotATensor()}, code)
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
