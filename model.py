@@ -29,7 +29,7 @@ class Config:
     min_snr_gamma: float = 5.0    # Min-SNR loss weighting min(SNR, gamma) / SNR; 0 = plain MSE
     snr_floor: float = 0.05       # and weight f / SNR where SNR < f, the noisiest steps; 0 = off
     snr_floor_cap: float = 20.0   # at most this weight: 20 keeps the floor's x0 weight down to signal ~0.05
-    sample_min_signal: float = 0.05  # sampling starts at the noisiest t whose sqrt(alphas_cumprod) >= this
+    sample_min_signal: float = 0.04  # sampling starts at the noisiest t whose sqrt(alphas_cumprod) >= this
     ab_mean: tuple = (0.0, 0.0)   # mean ab_n of the training images (train.py measures it): sampling starts there
     # data
     data: str = "img_align_celeba"
@@ -43,7 +43,7 @@ class Config:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
-    max_steps: int = 15000
+    max_steps: int = 20400
     log_every: int = 50
     eval_every: int = 400         # validation loss + sample grid
     ckpt_every: int = 200
