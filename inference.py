@@ -209,7 +209,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help=f"DDIM steps (default {DEFAULT_STEPS})")
     p.add_argument("--ddpm", action="store_true", help="the full DDPM loop over all T timesteps (slow)")
     p.add_argument("--eta", type=float,
-                   help=f"DDIM eta: 0 deterministic, 1 DDPM-like noise (default {DEFAULT_ETA})")
+                   help=f"DDIM eta: 0 deterministic, 1 DDPM-like noise, more re-noises more (default {DEFAULT_ETA})")
     p.add_argument("--num-samples", type=int, default=1,
                    help="colorizations per image, written as <name>_0, <name>_1, ...")
     p.add_argument("--seed", type=int, help="random seed: the same command gives the same output bit for bit")

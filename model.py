@@ -137,7 +137,9 @@ def dynamic_threshold(x0, percentile=0.995, bound=1.0):
 
 
 def ddim_sample(denoise, x, alphas_cumprod, steps, eta=0.0, generator=None, threshold=None, callback=None):
-    """DDIM (Song et al.) from x = x_T over `steps` evenly spaced timesteps. eta=0 is deterministic."""
+    """DDIM (Song et al.) from x = x_T over `steps` evenly spaced timesteps. eta=0 is deterministic, eta=1
+    adds DDPM's posterior noise; above 1 more of x_t is fresh noise, up to sigma = sqrt(1 - a_prev) (x0 re-noised
+    from scratch), the most for which x_{t-1} keeps the forward process's marginals."""
     T = len(alphas_cumprod)
     ts = torch.linspace(T - 1, 0, min(steps, T)).round().long().tolist()
     for i, t in enumerate(ts):
@@ -148,8 +150,9 @@ def ddim_sample(denoise, x, alphas_cumprod, steps, eta=0.0, generator=None, thre
         if threshold is not None:
             x0 = threshold(x0)
             eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
-        sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
-        x = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma ** 2, 0.0)) * eps
+        var = min(eta ** 2 * (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev), 1 - a_prev)
+        sigma = math.sqrt(var)
+        x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - var) * eps
         if sigma > 0:
             x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         if callback is not None:

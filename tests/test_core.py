@@ -271,6 +271,30 @@ def test_ddpm_runs_T_steps_with_the_true_posterior():
         assert r.var().item() == pytest.approx(var, rel=6 * math.sqrt(2 / n))
 
 
+@pytest.mark.parametrize("eta", [1.0, 1.5, 100.0])
+def test_ddim_any_eta_keeps_the_forward_marginals(eta):
+    """With an oracle denoiser, every x_t DDIM visits must be distributed as q(x_t | x0) = N(sqrt(a) x0, 1 - a),
+    however large eta: above 1 the fresh noise grows only up to re-noising x0 from scratch."""
+    T = 50
+    ac, x0, _, _ = _trajectory_setup(T, shape=(1, 2, 100, 100))
+    g = torch.Generator().manual_seed(7)
+    xT = math.sqrt(ac[-1].item()) * x0 + math.sqrt(1 - ac[-1].item()) * torch.randn(x0.shape, generator=g)
+    seen = []
+
+    def denoise(x, t):
+        a = ac[t].item()
+        seen.append((x.clone(), a))
+        return (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
+
+    out = ddim_sample(denoise, xT, ac, 10, eta=eta, generator=g)
+    assert torch.allclose(out, x0, atol=1e-3)
+    n = x0.numel()
+    for x, a in seen[1:]:
+        r = ((x - math.sqrt(a) * x0) / math.sqrt(1 - a)).double()
+        assert abs(r.mean().item()) < 6 / math.sqrt(n)
+        assert r.var().item() == pytest.approx(1.0, rel=6 * math.sqrt(2 / n))
+
+
 def test_ddim_thresholding_keeps_x_consistent_and_in_range():
     """With thresholding, the clipped x0 and the noise implied by it must still decompose x_t exactly, and
     each DDIM step must move along that pair; the final sample lies within the bound."""
