@@ -63,7 +63,7 @@ def example_faces() -> list[str]:
 def build_demo(model, amp=False) -> gr.Blocks:
     T = model.config.timesteps
 
-    def run(photo, steps, num_samples, seed, random_seed, dynamic_thresholding, progress=gr.Progress()):
+    def run(photo, steps, start, num_samples, seed, random_seed, dynamic_thresholding, progress=gr.Progress()):
         img = open_upload(photo)
         seed = random.randrange(2 ** 31) if random_seed or seed is None else int(seed)
         progress(0, desc="Denoising")
@@ -72,7 +72,8 @@ def build_demo(model, amp=False) -> gr.Blocks:
             progress((i + 1, n), desc="Denoising")
 
         samples = colorize(model, img, steps=int(steps), num_samples=int(num_samples), seed=seed,
-                           dynamic_thresholding=bool(dynamic_thresholding), callback=callback, amp=amp)
+                           dynamic_thresholding=bool(dynamic_thresholding), min_signal=float(start),
+                           callback=callback, amp=amp)
         return (img, samples[0]), samples, seed
 
     def check(photo):
@@ -96,7 +97,10 @@ def build_demo(model, amp=False) -> gr.Blocks:
                                 cache_examples=False, elem_id="examples")
                 with gr.Accordion("Settings", open=True):
                     steps = gr.Slider(1, T, value=min(DEFAULT_STEPS, T), step=1, label="Sampling steps",
-                                      info="more: slower, often cleaner")
+                                      info=f"more: slower, often cleaner; {T}: the full DDPM loop")
+                    start = gr.Slider(0, 0.2, value=model.config.sample_min_signal, step=0.005,
+                                      label="Sampling start (signal level)",
+                                      info="lower: bolder colours, more mistakes")
                     num_samples = gr.Slider(1, MAX_SAMPLES, value=1, step=1, label="Number of samples",
                                             elem_id="samples-count")
                     with gr.Row():
@@ -116,7 +120,7 @@ def build_demo(model, amp=False) -> gr.Blocks:
         # preprocess=False: run() gets the raw uploaded file, so a broken file gets a clear message, not
         # Gradio's own decoding error. (Gradio still checks that the path is one of its uploads.)
         photo.upload(check, photo, photo, preprocess=False)
-        button.click(run, [photo, steps, num_samples, seed, random_seed, dynamic_thresholding],
+        button.click(run, [photo, steps, start, num_samples, seed, random_seed, dynamic_thresholding],
                      [comparison, gallery, seed], preprocess=False)
     return demo
 

@@ -11,7 +11,6 @@ gives the colour error of the model's x0 at several noise levels (x0_errors), wh
 can start (Config.sample_min_signal).
 """
 import argparse
-import dataclasses
 import os
 import sys
 
@@ -134,16 +133,16 @@ def main(argv=None):
     p.add_argument("--ddpm", action="store_true", help="the full DDPM loop instead of DDIM")
     p.add_argument("--eta", type=float, default=DEFAULT_ETA, help="DDIM eta")
     p.add_argument("--dynamic-threshold", action="store_true")
-    p.add_argument("--min-signal", type=float, help="override the checkpoint's sample_min_signal")
+    p.add_argument("--min-signal", type=float, help="where sampling starts (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="eval")
     args = p.parse_args(argv)
+    if args.min_signal is not None and not 0 <= args.min_signal < 1:
+        p.error("--min-signal must be in [0, 1)")
 
     model = load_model(args.checkpoint, pick_device(args.device))
-    if args.min_signal is not None:  # replace() validates it as the config would
-        model.config = dataclasses.replace(model.config, sample_min_signal=args.min_signal)
     c = model.config
     names = list_images(args.data)
     if args.split == "val":
@@ -162,11 +161,12 @@ def main(argv=None):
         raise ValueError(f"{args.data}: no images to evaluate")
 
     steps = None if args.ddpm else args.steps
+    start = c.sample_min_signal if args.min_signal is None else args.min_signal
     label = "ours, " + ("DDPM, every step" if args.ddpm else f"DDIM {args.steps} steps")
     label += (f", eta {args.eta}" if args.eta and not args.ddpm else "") + \
-        (", dyn. thr." if args.dynamic_threshold else "") + f", start at signal {c.sample_min_signal}"
+        (", dyn. thr." if args.dynamic_threshold else "") + f", start at signal {start}"
     m, outputs = evaluate(model, truths, batch_size=args.batch_size, seed=args.seed, steps=steps, eta=args.eta,
-                          dynamic_thresholding=args.dynamic_threshold)
+                          dynamic_thresholding=args.dynamic_threshold, min_signal=args.min_signal)
     table = markdown(m, label)
     table += "\n\nColour error of the model's x0 by noise level (MSE in ab/110 units; see x0_errors):\n\n" + \
         "| signal sqrt(a_t) | model | mean colour |\n|---|---|---|\n" + \

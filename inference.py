@@ -113,7 +113,7 @@ def recombine(img: Image.Image, ab: torch.Tensor) -> list[Image.Image]:
 
 @torch.inference_mode()
 def colorize_batch(model, images, steps=DEFAULT_STEPS, eta=DEFAULT_ETA, num_samples=1, seed=None,
-                   dynamic_thresholding=False, callback=None, amp=None, batch_size=DEFAULT_BATCH):
+                   dynamic_thresholding=False, min_signal=None, callback=None, amp=None, batch_size=DEFAULT_BATCH):
     """Colorize a list of PIL images: returns, per image, a list of `num_samples` PIL images at that image's
     exact size. Images with the same model resolution are sampled together, up to `batch_size` rows (an image
     with num_samples=K takes K rows). steps=None runs the full DDPM loop. With `seed`, the same call gives
@@ -135,19 +135,19 @@ def colorize_batch(model, images, steps=DEFAULT_STEPS, eta=DEFAULT_ETA, num_samp
             L = L.to(device).contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 ab = model.sample(L, steps=steps, eta=eta, dynamic_thresholding=dynamic_thresholding,
-                                  generator=generator, callback=callback)
+                                  min_signal=min_signal, generator=generator, callback=callback)
             for j, i in enumerate(chunk):  # one at a time: a full-size 4000x4000 LAB image is large
                 results[i] = recombine(images[i], ab[j * num_samples:(j + 1) * num_samples])
     return results
 
 
 def colorize(model, img: Image.Image, steps=DEFAULT_STEPS, eta=DEFAULT_ETA, num_samples=1, seed=None,
-             dynamic_thresholding=False, callback=None, amp=None):
+             dynamic_thresholding=False, min_signal=None, callback=None, amp=None):
     """Colorize one image: returns `num_samples` PIL images (RGB, or RGBA if the input had alpha) at the
     input's exact size. steps=None runs the full DDPM loop. callback(i, n, x_t, x0) sees each step."""
     return colorize_batch(model, [img], steps=steps, eta=eta, num_samples=num_samples, seed=seed,
-                          dynamic_thresholding=dynamic_thresholding, callback=callback, amp=amp,
-                          batch_size=num_samples)[0]
+                          dynamic_thresholding=dynamic_thresholding, min_signal=min_signal, callback=callback,
+                          amp=amp, batch_size=num_samples)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -210,6 +210,9 @@ def parse_args(argv=None):
     p.add_argument("--ddpm", action="store_true", help="the full DDPM loop over all T timesteps (slow)")
     p.add_argument("--eta", type=float,
                    help=f"DDIM eta: 0 deterministic, 1 DDPM-like noise, more re-noises more (default {DEFAULT_ETA})")
+    p.add_argument("--min-signal", type=float,
+                   help="start sampling at the noisiest step whose signal level is still this: lower gives "
+                   "bolder, less accurate colours (default: the checkpoint's sample_min_signal)")
     p.add_argument("--num-samples", type=int, default=1,
                    help="colorizations per image, written as <name>_0, <name>_1, ...")
     p.add_argument("--seed", type=int, help="random seed: the same command gives the same output bit for bit")
@@ -232,6 +235,8 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.eta is not None and args.eta < 0:
         p.error("--eta must be >= 0")
+    if args.min_signal is not None and not 0 <= args.min_signal < 1:
+        p.error("--min-signal must be in [0, 1): 0 starts from pure noise at t = T")
     if args.skip_existing and args.overwrite:
         p.error("--skip-existing and --overwrite contradict each other")
     return args
@@ -318,6 +323,7 @@ def _sampler_kwargs(args):
     return dict(steps=None if args.ddpm else (args.steps or DEFAULT_STEPS),
                 eta=DEFAULT_ETA if args.eta is None else args.eta,
                 num_samples=args.num_samples, seed=args.seed, dynamic_thresholding=args.dynamic_threshold,
+                min_signal=args.min_signal,
                 amp=None if args.amp == "auto" else args.amp == "on")
 
 

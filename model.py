@@ -225,13 +225,15 @@ class ColorDiffusion(nn.Module):
         return self.alphas_cumprod[: max(1, int((self.alphas_cumprod.sqrt() >= min_signal).sum()))]
 
     @torch.no_grad()
-    def sample(self, L, steps=None, eta=0.0, dynamic_thresholding=False, generator=None, callback=None):
+    def sample(self, L, steps=None, eta=0.0, dynamic_thresholding=False, min_signal=None, generator=None,
+               callback=None):
         """L: (N, 1, H, W) in [-1, 1] -> ab_n (N, 2, H, W). steps=None runs the full DDPM loop (every
-        timestep from the start, see below); otherwise DDIM with `steps` steps and `eta`. x0 is clipped to
+        timestep from the start, see below: `min_signal`, by default the config's, sets where); otherwise
+        DDIM with `steps` steps and `eta`. x0 is clipped to
         the data range at every step, or dynamically thresholded. `callback(i, n, x_t, x0)` sees model-space
         tensors."""
         s = self.config.ab_scale
-        ac = self.sampling_schedule()
+        ac = self.sampling_schedule(min_signal)
         # x_t at the start: sqrt(a) x0 + sqrt(1 - a) noise, with x0 taken as the data's mean colour. The mean
         # colour of x_t is measurable from thousands of pixels, so zero-mean noise would tell the model the
         # picture is on average grey, and it would colour it so (measured: 3 dB PSNR lost, a cold cast).

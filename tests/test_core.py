@@ -768,6 +768,10 @@ def test_sampling_starts_at_the_noisiest_usable_timestep(tiny_config):
         m.sample(L, steps=None, callback=lambda i, n, x, x0: seen.append(n))
         assert len(seen) == seen[0] == expected == len(m.sampling_schedule())
     assert int((ac.sqrt() >= 0.1).sum()) < tiny_config.timesteps  # the tail is really there to skip
+    # a per-call min_signal overrides the config's, and leaves it alone
+    seen = []
+    m.sample(L, steps=None, min_signal=0.1, callback=lambda i, n, x, x0: seen.append(n))
+    assert seen[0] == int((ac.sqrt() >= 0.1).sum()) and m.config.sample_min_signal == 0.0
 
 
 def test_training_records_the_mean_colour_and_sampling_starts_there(photo_dir, shared_cache, tmp_path,

@@ -245,6 +245,23 @@ def test_ddpm_and_gif(cli, tmp_path):
     assert code == 2 and "--eta" in err
 
 
+def test_min_signal_moves_where_sampling_starts(cli, tmp_path):
+    """--min-signal overrides the checkpoint's start: 0 runs DDPM over all T steps, a higher level fewer."""
+    photo(20, 16).save(tmp_path / "g.png")
+    frames = {}
+    for s in (0, 0.5):
+        gif = tmp_path / f"steps_{s}.gif"
+        code, _, err = cli("--image-path", tmp_path / "g.png", "--output", tmp_path / f"g_{s}.png", "--ddpm",
+                           "--min-signal", s, "--save-gif", gif)
+        assert code == 0, err
+        frames[s] = Image.open(gif).n_frames
+    assert frames[0] == TINY.timesteps + 1
+    assert frames[0.5] == int((ColorDiffusion(TINY).alphas_cumprod.sqrt() >= 0.5).sum()) + 1 < frames[0]
+    for bad in (1, -0.1):
+        code, _, err = cli("--image-path", tmp_path / "g.png", "--min-signal", bad)
+        assert code == 2 and "--min-signal" in err and "Traceback" not in err
+
+
 def test_eta_defaults_and_explicit_zero():
     """--eta unset means DEFAULT_ETA; an explicit --eta 0 (deterministic DDIM) is kept, not taken as unset."""
     kwargs = lambda *a: inference._sampler_kwargs(inference.parse_args(["--image-path", "x.png", *a]))  # noqa: E731
