@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from dataset import center_crop_resize, is_validation, list_images
 from inference import DEFAULT_CHECKPOINT, DEFAULT_ETA, DEFAULT_STEPS, colorize_batch
-from model import CheckpointError, load_model, predict_x0, q_sample
+from model import CheckpointError, load_model, min_signal_check, predict_x0, q_sample
 from utils import ImageError, bf16_is_fast, lab_to_rgb, load_image, pick_device, rgb_to_lab, tensor_to_pil
 
 
@@ -139,8 +139,10 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="eval")
     args = p.parse_args(argv)
-    if args.min_signal is not None and not 0 <= args.min_signal < 1:
-        p.error("--min-signal must be in [0, 1)")
+    if args.min_signal is not None:
+        ok, message = min_signal_check(args.min_signal, "--min-signal")
+        if not ok:
+            p.error(message)
 
     model = load_model(args.checkpoint, pick_device(args.device))
     c = model.config

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from model import CheckpointError, load_model
+from model import CheckpointError, load_model, min_signal_check
 from utils import (ImageError, bf16_is_fast, fit_to_gamut, lab_to_rgb, load_image, pick_device, rgb_to_lab,
                    save_image, tensor_to_pil)
 
@@ -235,8 +235,10 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.eta is not None and args.eta < 0:
         p.error("--eta must be >= 0")
-    if args.min_signal is not None and not 0 <= args.min_signal < 1:
-        p.error("--min-signal must be in [0, 1): 0 starts from pure noise at t = T")
+    if args.min_signal is not None:
+        ok, message = min_signal_check(args.min_signal, "--min-signal")
+        if not ok:
+            p.error(message)
     if args.skip_existing and args.overwrite:
         p.error("--skip-existing and --overwrite contradict each other")
     return args

@@ -15,6 +15,12 @@ from torch import nn
 from unet import GreyscaleEncoder, UNet
 
 
+def min_signal_check(value, name):
+    """(ok, message) for where sampling starts: a signal level sqrt(a_t) in [0, 1). One check for the config
+    and for the command lines that override it."""
+    return 0 <= value < 1, f"{name} must be in [0, 1): 0 starts from pure noise at t = T"
+
+
 @dataclass
 class Config:
     # model (all that inference needs: saved in every checkpoint)
@@ -66,7 +72,7 @@ class Config:
             (self.ab_scale > 0, "ab_scale must be positive"),
             (self.min_snr_gamma >= 0 and self.snr_floor >= 0 and self.snr_floor_cap >= 1,
              "min_snr_gamma and snr_floor must be >= 0, snr_floor_cap >= 1"),
-            (0 <= self.sample_min_signal < 1, "sample_min_signal must be in [0, 1): 0 starts from t = T"),
+            min_signal_check(self.sample_min_signal, "sample_min_signal"),
             (0 <= self.val_percent < 100, "val_percent must be in [0, 100)"),
             (self.batch_size >= 1 and self.lr > 0 and self.grad_clip > 0,
              "batch_size, lr and grad_clip must be positive"),
@@ -229,9 +235,8 @@ class ColorDiffusion(nn.Module):
                callback=None):
         """L: (N, 1, H, W) in [-1, 1] -> ab_n (N, 2, H, W). steps=None runs the full DDPM loop (every
         timestep from the start, see below: `min_signal`, by default the config's, sets where); otherwise
-        DDIM with `steps` steps and `eta`. x0 is clipped to
-        the data range at every step, or dynamically thresholded. `callback(i, n, x_t, x0)` sees model-space
-        tensors."""
+        DDIM with `steps` steps and `eta`. x0 is clipped to the data range at every step, or dynamically
+        thresholded. `callback(i, n, x_t, x0)` sees model-space tensors."""
         s = self.config.ab_scale
         ac = self.sampling_schedule(min_signal)
         # x_t at the start: sqrt(a) x0 + sqrt(1 - a) noise, with x0 taken as the data's mean colour. The mean
