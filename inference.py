@@ -34,7 +34,7 @@ from utils import (ImageError, bf16_is_fast, fit_to_gamut, lab_to_rgb, load_imag
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CHECKPOINT = os.path.join(HERE, "checkpoints", "celeba64.pt")
-DEFAULT_STEPS = 20
+DEFAULT_STEPS = 100  # with the shipped start (0.01): bolder than 20, nearer the truth's colourfulness (README)
 DEFAULT_ETA = 1.0  # DDIM's stochasticity: 1 beat 0 on PSNR, CIEDE2000 and colourfulness (README, Evaluation)
 DEFAULT_BATCH = 16
 STRIP_PIXELS = 1 << 19  # recombine() works on horizontal strips of about this many pixels
