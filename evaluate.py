@@ -5,7 +5,8 @@
 Metrics (mean over images), for our outputs and for the greyscale baseline (the input itself):
   PSNR      on RGB, higher is better
   dE00      mean CIEDE2000 colour difference per pixel (scikit-image), lower is better
-  CF        Hasler-Suesstrunk colourfulness M3 = sigma_rgyb + 0.3 mu_rgyb; dCF = |CF(outputs) - CF(truth)|
+  CF        Hasler-Suesstrunk colourfulness M3 = sigma_rgyb + 0.3 mu_rgyb; dCF = |CF(outputs) - CF(truth)|,
+            and its two terms for outputs and truth (a gap in sigma: timid; in mu: a colour cast or greyness)
 Writes <out>/eval.md (a markdown table) and <out>/grid.png (rows: greyscale | ours | truth). eval.md also
 gives the colour error of the model's x0 at several noise levels (x0_errors), which shows where sampling
 can start (Config.sample_min_signal).
@@ -31,11 +32,18 @@ def psnr(a, b):
     return 10 * np.log10(255.0 ** 2 / max(mse, 1e-10))
 
 
-def colourfulness(rgb):
-    """Hasler & Suesstrunk (2003), M3, on 0-255 RGB."""
+def colourfulness_parts(rgb):
+    """Hasler & Suesstrunk's two terms on 0-255 RGB: the spread of the colours within the picture
+    (sigma_rgyb) and the chroma of its mean colour (mu_rgyb). They tell a timid picture from a cast."""
     r, g, b = (rgb[..., i].astype(np.float64) for i in range(3))
     rg, yb = r - g, 0.5 * (r + g) - b
-    return np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean())
+    return np.hypot(rg.std(), yb.std()), np.hypot(rg.mean(), yb.mean())
+
+
+def colourfulness(rgb):
+    """Hasler & Suesstrunk (2003), M3 = sigma_rgyb + 0.3 mu_rgyb."""
+    spread, chroma = colourfulness_parts(rgb)
+    return spread + 0.3 * chroma
 
 
 def delta_e(a, b):
@@ -52,7 +60,8 @@ def greyscale(truth):
 
 def evaluate(model, truths, batch_size=16, seed=0, **sample_kwargs):
     """truths: list of RGB uint8 arrays. Returns (metrics dict, list of output arrays)."""
-    rows = {k: [] for k in ("psnr", "de", "cf", "psnr_grey", "de_grey", "cf_grey", "cf_truth")}
+    rows = {k: [] for k in ("psnr", "de", "cf", "psnr_grey", "de_grey", "cf_grey", "cf_truth",
+                            "spread", "chroma", "spread_truth", "chroma_truth")}
     greys = [greyscale(t) for t in truths]
     outputs = []
     for start in tqdm(range(0, len(truths), batch_size), desc="colorizing", leave=False):
@@ -67,6 +76,10 @@ def evaluate(model, truths, batch_size=16, seed=0, **sample_kwargs):
         rows["de_grey"].append(delta_e(grey, truth))
         rows["cf_grey"].append(colourfulness(grey))
         rows["cf_truth"].append(colourfulness(truth))
+        for key, img in (("", out), ("_truth", truth)):
+            spread, chroma = colourfulness_parts(img)
+            rows["spread" + key].append(spread)
+            rows["chroma" + key].append(chroma)
     m = {k: float(np.mean(v)) for k, v in rows.items()}
     m["dcf"] = abs(m["cf"] - m["cf_truth"])
     return m, outputs
@@ -170,6 +183,9 @@ def main(argv=None):
     m, outputs = evaluate(model, truths, batch_size=args.batch_size, seed=args.seed, steps=steps, eta=args.eta,
                           dynamic_thresholding=args.dynamic_threshold, min_signal=args.min_signal)
     table = markdown(m, label)
+    table += (f"\n\nColourfulness in its parts, ours / truth: spread of the colours within a picture "
+              f"{m['spread']:.1f} / {m['spread_truth']:.1f}, chroma of a picture's mean colour "
+              f"{m['chroma']:.1f} / {m['chroma_truth']:.1f} (see colourfulness_parts).")
     table += "\n\nColour error of the model's x0 by noise level (MSE in ab/110 units; see x0_errors):\n\n" + \
         "| signal sqrt(a_t) | model | mean colour |\n|---|---|---|\n" + \
         "\n".join(f"| {s} | {e:.4f} | {e0:.4f} |" for s, e, e0 in x0_errors(model, truths, seed=args.seed))

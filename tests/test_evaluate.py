@@ -14,6 +14,15 @@ def test_metrics_on_known_images():
     assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
     assert evaluate.colourfulness(grey) == 0
     assert evaluate.colourfulness(colour) > 50  # random RGB noise is very colourful
+    # its parts: a flat red picture has chroma but no spread; red and cyan halves average to grey
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[..., 0] = 200
+    assert evaluate.colourfulness_parts(red) == pytest.approx((0, np.hypot(200, 100)))
+    halves = red.copy()
+    halves[4:] = [0, 200, 200]
+    spread, chroma = evaluate.colourfulness_parts(halves)
+    assert spread == pytest.approx(np.hypot(200, 100)) and chroma == pytest.approx(0)
+    assert evaluate.colourfulness(halves) == pytest.approx(spread + 0.3 * chroma)
     assert evaluate.psnr(colour, colour) > 90 and evaluate.psnr(colour, grey) < 30
     assert evaluate.delta_e(colour, colour) == 0 and evaluate.delta_e(colour, grey) > 5
     # a uniform shift of 10 levels: MSE 100 -> PSNR = 10 log10(255^2 / 100)
@@ -32,6 +41,7 @@ def test_evaluate_writes_table_and_grid(tiny_config, photo_dir, tmp_path):
                    "--steps", "3", "--out", str(out)])
     table = (out / "eval.md").read_text()
     assert "5 all images at 16x16" in table and "greyscale baseline" in table and "DDIM 3 steps" in table
+    assert "Colourfulness in its parts" in table
     from PIL import Image
     grid = Image.open(out / "grid.png")
     assert grid.size == (5 * 16, 3 * 16)  # greyscale | ours | truth rows, one column per image
