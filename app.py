@@ -63,7 +63,8 @@ def example_faces() -> list[str]:
 def build_demo(model, amp=False) -> gr.Blocks:
     T = model.config.timesteps
 
-    def run(photo, steps, start, num_samples, seed, random_seed, dynamic_thresholding, progress=gr.Progress()):
+    def run(photo, steps, start, guidance, num_samples, seed, random_seed, dynamic_thresholding,
+            progress=gr.Progress()):
         img = open_upload(photo)
         seed = random.randrange(2 ** 31) if random_seed or seed is None else int(seed)
         progress(0, desc="Denoising")
@@ -73,7 +74,7 @@ def build_demo(model, amp=False) -> gr.Blocks:
 
         samples = colorize(model, img, steps=int(steps), num_samples=int(num_samples), seed=seed,
                            dynamic_thresholding=bool(dynamic_thresholding), min_signal=float(start),
-                           callback=callback, amp=amp)
+                           guidance=float(guidance), callback=callback, amp=amp)
         return (img, samples[0]), samples, seed
 
     def check(photo):
@@ -101,6 +102,9 @@ def build_demo(model, amp=False) -> gr.Blocks:
                     start = gr.Slider(0, 0.2, value=model.config.sample_min_signal, step=0.005,
                                       label="Sampling start (signal level)",
                                       info="lower: bolder colours, more mistakes")
+                    # only a model trained with cond_drop has the unconditional colours that guidance needs
+                    guidance = gr.Slider(0, 3, value=model.config.guidance, step=0.05, label="Guidance",
+                                         info="higher: bolder colours; 1: none", visible=model.config.cond_drop > 0)
                     num_samples = gr.Slider(1, MAX_SAMPLES, value=1, step=1, label="Number of samples",
                                             elem_id="samples-count")
                     with gr.Row():
@@ -120,7 +124,7 @@ def build_demo(model, amp=False) -> gr.Blocks:
         # preprocess=False: run() gets the raw uploaded file, so a broken file gets a clear message, not
         # Gradio's own decoding error. (Gradio still checks that the path is one of its uploads.)
         photo.upload(check, photo, photo, preprocess=False)
-        button.click(run, [photo, steps, start, num_samples, seed, random_seed, dynamic_thresholding],
+        button.click(run, [photo, steps, start, guidance, num_samples, seed, random_seed, dynamic_thresholding],
                      [comparison, gallery, seed], preprocess=False)
     return demo
 

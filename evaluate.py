@@ -147,6 +147,7 @@ def main(argv=None):
     p.add_argument("--eta", type=float, default=DEFAULT_ETA, help="DDIM eta")
     p.add_argument("--dynamic-threshold", action="store_true")
     p.add_argument("--min-signal", type=float, help="where sampling starts (default: the checkpoint's)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -177,11 +178,13 @@ def main(argv=None):
 
     steps = None if args.ddpm else args.steps
     start = c.sample_min_signal if args.min_signal is None else args.min_signal
+    guidance = c.guidance if args.guidance is None else args.guidance
     label = "ours, " + ("DDPM, every step" if args.ddpm else f"DDIM {args.steps} steps")
     label += (f", eta {args.eta}" if args.eta and not args.ddpm else "") + \
-        (", dyn. thr." if args.dynamic_threshold else "") + f", start at signal {start}"
+        (", dyn. thr." if args.dynamic_threshold else "") + f", start at signal {start}" + \
+        (f", guidance {guidance}" if guidance != 1 else "")
     m, outputs = evaluate(model, truths, batch_size=args.batch_size, seed=args.seed, steps=steps, eta=args.eta,
-                          dynamic_thresholding=args.dynamic_threshold, min_signal=args.min_signal)
+                          dynamic_thresholding=args.dynamic_threshold, min_signal=args.min_signal, guidance=guidance)
     table = markdown(m, label)
     table += (f"\n\nColourfulness in its parts, ours / truth: spread of the colours within a picture "
               f"{m['spread']:.1f} / {m['spread_truth']:.1f}, chroma of a picture's mean colour "

@@ -113,7 +113,8 @@ def recombine(img: Image.Image, ab: torch.Tensor) -> list[Image.Image]:
 
 @torch.inference_mode()
 def colorize_batch(model, images, steps=DEFAULT_STEPS, eta=DEFAULT_ETA, num_samples=1, seed=None,
-                   dynamic_thresholding=False, min_signal=None, callback=None, amp=None, batch_size=DEFAULT_BATCH):
+                   dynamic_thresholding=False, min_signal=None, guidance=None, callback=None, amp=None,
+                   batch_size=DEFAULT_BATCH):
     """Colorize a list of PIL images: returns, per image, a list of `num_samples` PIL images at that image's
     exact size. Images with the same model resolution are sampled together, up to `batch_size` rows (an image
     with num_samples=K takes K rows). steps=None runs the full DDPM loop. With `seed`, the same call gives
@@ -135,19 +136,19 @@ def colorize_batch(model, images, steps=DEFAULT_STEPS, eta=DEFAULT_ETA, num_samp
             L = L.to(device).contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 ab = model.sample(L, steps=steps, eta=eta, dynamic_thresholding=dynamic_thresholding,
-                                  min_signal=min_signal, generator=generator, callback=callback)
+                                  min_signal=min_signal, guidance=guidance, generator=generator, callback=callback)
             for j, i in enumerate(chunk):  # one at a time: a full-size 4000x4000 LAB image is large
                 results[i] = recombine(images[i], ab[j * num_samples:(j + 1) * num_samples])
     return results
 
 
 def colorize(model, img: Image.Image, steps=DEFAULT_STEPS, eta=DEFAULT_ETA, num_samples=1, seed=None,
-             dynamic_thresholding=False, min_signal=None, callback=None, amp=None):
+             dynamic_thresholding=False, min_signal=None, guidance=None, callback=None, amp=None):
     """Colorize one image: returns `num_samples` PIL images (RGB, or RGBA if the input had alpha) at the
     input's exact size. steps=None runs the full DDPM loop. callback(i, n, x_t, x0) sees each step."""
     return colorize_batch(model, [img], steps=steps, eta=eta, num_samples=num_samples, seed=seed,
-                          dynamic_thresholding=dynamic_thresholding, min_signal=min_signal, callback=callback,
-                          amp=amp, batch_size=num_samples)[0]
+                          dynamic_thresholding=dynamic_thresholding, min_signal=min_signal, guidance=guidance,
+                          callback=callback, amp=amp, batch_size=num_samples)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -213,6 +214,8 @@ def parse_args(argv=None):
     p.add_argument("--min-signal", type=float,
                    help="start sampling at the noisiest step whose signal level is still this: lower gives "
                    "bolder, less accurate colours (default: the checkpoint's sample_min_signal)")
+    p.add_argument("--guidance", type=float,
+                   help="classifier-free guidance scale: above 1 bolder colours, 1 none (default: the checkpoint's)")
     p.add_argument("--num-samples", type=int, default=1,
                    help="colorizations per image, written as <name>_0, <name>_1, ...")
     p.add_argument("--seed", type=int, help="random seed: the same command gives the same output bit for bit")
@@ -233,8 +236,9 @@ def parse_args(argv=None):
     for name in ("steps", "num_samples", "batch_size", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.eta is not None and args.eta < 0:
-        p.error("--eta must be >= 0")
+    for name in ("eta", "guidance"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            p.error(f"--{name} must be >= 0")
     if args.min_signal is not None:
         ok, message = min_signal_check(args.min_signal, "--min-signal")
         if not ok:
@@ -325,7 +329,7 @@ def _sampler_kwargs(args):
     return dict(steps=None if args.ddpm else (args.steps or DEFAULT_STEPS),
                 eta=DEFAULT_ETA if args.eta is None else args.eta,
                 num_samples=args.num_samples, seed=args.seed, dynamic_thresholding=args.dynamic_threshold,
-                min_signal=args.min_signal,
+                min_signal=args.min_signal, guidance=args.guidance,
                 amp=None if args.amp == "auto" else args.amp == "on")
 
 

@@ -35,7 +35,10 @@ class Config:
     min_snr_gamma: float = 5.0    # Min-SNR loss weighting min(SNR, gamma) / SNR; 0 = plain MSE
     snr_floor: float = 0.05       # and weight f / SNR where SNR < f, the noisiest steps; 0 = off
     snr_floor_cap: float = 20.0   # at most this weight: 20 keeps the floor's x0 weight down to signal ~0.05
+    cond_drop: float = 0.0        # fraction of training images shown without their greyscale (L = 0), so the
+                                  # same network also learns the unconditional colours that guidance needs
     sample_min_signal: float = 0.04  # sampling starts at the noisiest t whose sqrt(alphas_cumprod) >= this
+    guidance: float = 1.0         # classifier-free guidance scale for sampling; 1 = none (needs cond_drop > 0)
     ab_mean: tuple = (0.0, 0.0)   # mean ab_n of the training images (train.py measures it): sampling starts there
     # data
     data: str = "img_align_celeba"
@@ -68,6 +71,10 @@ class Config:
             (self.image_size >= levels and self.image_size % levels == 0,
              f"image_size must be a multiple of {levels} (the UNet halves it {len(self.dim_mults) - 1} times)"),
             (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
+            (0 <= self.cond_drop < 1, "cond_drop must be in [0, 1)"),
+            (self.guidance >= 0, "guidance must be >= 0"),
+            (self.guidance == 1 or self.cond_drop > 0,
+             "guidance other than 1 needs a model trained with cond_drop > 0"),
             (self.timesteps >= 2, "timesteps must be at least 2"),
             (self.ab_scale > 0, "ab_scale must be positive"),
             (self.min_snr_gamma >= 0 and self.snr_floor >= 0 and self.snr_floor_cap >= 1,
@@ -187,6 +194,8 @@ class ColorDiffusion(nn.Module):
         """Training loss for a batch of normalized LAB images (N, 3, H, W): MSE of the predicted ab noise.
         Random timesteps and noise unless given. `forward` is the loss so that DistributedDataParallel wraps it."""
         L, ab = lab[:, :1], lab[:, 1:] * self.config.ab_scale
+        if self.training and self.config.cond_drop > 0:
+            L = L * (torch.rand(len(L), 1, 1, 1, device=L.device) >= self.config.cond_drop)
         if t is None:
             t = torch.randint(0, self.config.timesteps, (lab.shape[0],), device=lab.device)
         if noise is None:
@@ -211,13 +220,25 @@ class ColorDiffusion(nn.Module):
 
     loss = forward
 
-    def denoiser(self, L):
-        """eps = denoise(x_t, t) for fixed greyscale L: the encoder runs here once, not at every step."""
+    def denoiser(self, L, guidance=1.0):
+        """eps = denoise(x_t, t) for fixed greyscale L: the encoder runs here once, not at every step.
+        guidance w != 1 is classifier-free guidance (Ho & Salimans 2022): eps_uncond + w (eps - eps_uncond),
+        the unconditional eps from cond_drop's null condition L = 0, both in one batch."""
+        guided = guidance != 1
+        if guided:
+            if self.config.cond_drop == 0:
+                raise ValueError("guidance needs a checkpoint trained with cond_drop > 0; this one was not")
+            L = torch.cat([L, torch.zeros_like(L)])
         feats = self.encoder(L)
 
         def denoise(x, t):
+            x = torch.cat([x, x]) if guided else x
             t = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            return self.unet(torch.cat([L, x.to(L.dtype)], dim=1), t, feats)
+            eps = self.unet(torch.cat([L, x.to(L.dtype)], dim=1), t, feats)
+            if guided:
+                cond, uncond = eps.float().chunk(2)
+                eps = uncond + guidance * (cond - uncond)
+            return eps
         return denoise
 
     def sampling_schedule(self, min_signal=None):
@@ -231,13 +252,15 @@ class ColorDiffusion(nn.Module):
         return self.alphas_cumprod[: max(1, int((self.alphas_cumprod.sqrt() >= min_signal).sum()))]
 
     @torch.no_grad()
-    def sample(self, L, steps=None, eta=0.0, dynamic_thresholding=False, min_signal=None, generator=None,
-               callback=None):
+    def sample(self, L, steps=None, eta=0.0, dynamic_thresholding=False, min_signal=None, guidance=None,
+               generator=None, callback=None):
         """L: (N, 1, H, W) in [-1, 1] -> ab_n (N, 2, H, W). steps=None runs the full DDPM loop (every
         timestep from the start, see below: `min_signal`, by default the config's, sets where); otherwise
         DDIM with `steps` steps and `eta`. x0 is clipped to the data range at every step, or dynamically
-        thresholded. `callback(i, n, x_t, x0)` sees model-space tensors."""
+        thresholded. `guidance`: see `denoiser`, by default the config's. `callback(i, n, x_t, x0)` sees
+        model-space tensors."""
         s = self.config.ab_scale
+        denoise = self.denoiser(L, self.config.guidance if guidance is None else guidance)
         ac = self.sampling_schedule(min_signal)
         # x_t at the start: sqrt(a) x0 + sqrt(1 - a) noise, with x0 taken as the data's mean colour. The mean
         # colour of x_t is measurable from thousands of pixels, so zero-mean noise would tell the model the
@@ -251,9 +274,9 @@ class ColorDiffusion(nn.Module):
             return dynamic_threshold(x0, bound=s) if dynamic_thresholding else x0.clamp(-s, s)
         kwargs = dict(generator=generator, callback=callback, threshold=threshold)
         if steps is None:
-            x = ddpm_sample(self.denoiser(L), x, ac, **kwargs)
+            x = ddpm_sample(denoise, x, ac, **kwargs)
         else:
-            x = ddim_sample(self.denoiser(L), x, ac, steps, eta=eta, **kwargs)
+            x = ddim_sample(denoise, x, ac, steps, eta=eta, **kwargs)
         return x / s
 
 
@@ -303,14 +326,13 @@ def load_model(path, device="cpu", use_ema=True):
     return model.to(device, memory_format=torch.channels_last).eval()
 
 
-def export_inference_checkpoint(src, dst, sample_min_signal=None):
-    """Keep only what inference needs: the EMA weights in fp16 and the config. `sample_min_signal`, if given,
-    replaces the run's: where sampling starts is best chosen by evaluation after training."""
+def export_inference_checkpoint(src, dst, sample_min_signal=None, guidance=None):
+    """Keep only what inference needs: the EMA weights in fp16 and the config. The sampling defaults, if given,
+    replace the run's: where sampling starts and how strongly it is guided are best chosen by evaluation."""
     ckpt = load_checkpoint(src)
     weights = ckpt.get("ema", ckpt.get("model"))
-    config = dict(ckpt["config"])
-    if sample_min_signal is not None:
-        config["sample_min_signal"] = sample_min_signal
+    sampling = {"sample_min_signal": sample_min_signal, "guidance": guidance}
+    config = {**ckpt["config"], **{k: v for k, v in sampling.items() if v is not None}}
     config = Config.from_dict(config).to_dict()  # validated before it is written
     save_checkpoint(dst, {"config": config, "ema": {k: v.half() for k, v in weights.items()},
                           "step": ckpt.get("step", 0)})

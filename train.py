@@ -32,6 +32,8 @@ HELP = {
     "ab_scale": "ab/110 is multiplied by this before noising", "min_snr_gamma": "Min-SNR loss weighting; 0 = off",
     "snr_floor": "up-weight the noise loss of steps with SNR below this (x0 weight at least this); 0 = off",
     "snr_floor_cap": "the most that floor multiplies a step's loss by (it holds down to SNR = floor / cap)",
+    "cond_drop": "fraction of images trained without their greyscale, for classifier-free guidance",
+    "guidance": "classifier-free guidance scale of sampling (1 = none; needs cond_drop > 0)",
     "data": "folder of colour photos", "cache_dir": "where the decoded LAB cache is kept",
     "val_percent": "held-out percentage of files (by file-name hash)", "out_dir": "checkpoints, sample grids, log",
     "batch_size": "global batch size (split across torchrun processes)", "lr": "peak AdamW learning rate",
@@ -56,8 +58,8 @@ def parse_args(argv=None):
                             f"{','.join(map(str, default)) if isinstance(default, tuple) else default})".lstrip())
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
     p.add_argument("--export", metavar="PATH", help="write <out-dir>/ckpt.pt's EMA weights (fp16) and config to "
-                   "PATH for inference, e.g. checkpoints/celeba64.pt, and exit (with --sample-min-signal: "
-                   "that start instead of the run's)")
+                   "PATH for inference, e.g. checkpoints/celeba64.pt, and exit (with --sample-min-signal or "
+                   "--guidance: those sampling defaults instead of the run's)")
     args = vars(p.parse_args(argv))
     return args.pop("resume"), args.pop("export"), args
 
@@ -101,7 +103,7 @@ def main(argv=None):
     out_dir = given.get("out_dir", Config.out_dir)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if export:
-        export_inference_checkpoint(ckpt_path, export, given.get("sample_min_signal"))
+        export_inference_checkpoint(ckpt_path, export, given.get("sample_min_signal"), given.get("guidance"))
         print(f"exported the EMA weights of {ckpt_path} to {export} ({os.path.getsize(export) / 2**20:.1f} MB)")
         return
     ckpt = None

@@ -29,7 +29,8 @@ W, H = 120, 90  # not square: the result must keep the input's exact size
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("app")
-    model = ColorDiffusion(Config(dim=8, dim_mults=(1, 2), image_size=16, timesteps=20))
+    # trained for guidance, and guided by default: the UI's default path is the guided sampler
+    model = ColorDiffusion(Config(dim=8, dim_mults=(1, 2), image_size=16, timesteps=20, cond_drop=0.1, guidance=1.5))
     save_checkpoint(d / "tiny.pt", {"config": model.config.to_dict(), "model": model.state_dict()})
     y, x = np.mgrid[0:H, 0:W]
     grey = (x * 2 + y) * 255 // (2 * W + H)

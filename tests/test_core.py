@@ -143,6 +143,49 @@ def test_loss_noises_only_ab_and_passes_L_unchanged(tiny_config, monkeypatch):
     assert m(lab, t=t, noise=noise).item() == pytest.approx(per_sample.mean().item(), rel=1e-6)
 
 
+
+def test_cond_drop_hides_L_from_some_training_images_only(tiny_config, monkeypatch):
+    """cond_drop shows a random share of a training batch with L = 0 (the null condition) to both the UNet
+    and the encoder, the same rows to both; evaluation (the EMA's validation loss) always sees L."""
+    m = ColorDiffusion(Config(**{**tiny_config.to_dict(), "cond_drop": 0.5}))
+    lab = torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    seen = {}
+    unet_forward, enc_forward = m.unet.forward, m.encoder.forward
+    monkeypatch.setattr(m.unet, "forward",
+                        lambda x, t, f: (seen.update(unet=x[:, :1].clone()), unet_forward(x, t, f))[1])
+    monkeypatch.setattr(m.encoder, "forward", lambda L: (seen.update(enc=L.clone()), enc_forward(L))[1])
+    torch.manual_seed(0)
+    m(lab)
+    dropped = (seen["enc"] == 0).flatten(1).all(1)
+    kept = (seen["enc"] == lab[:, :1]).flatten(1).all(1)
+    assert torch.equal(dropped, ~kept) and 16 < int(dropped.sum()) < 48  # about half, each row all or nothing
+    assert torch.equal(seen["unet"], seen["enc"])
+    m.eval()
+    m(lab)
+    assert torch.equal(seen["enc"], lab[:, :1]) and torch.equal(seen["unet"], lab[:, :1])
+
+
+def test_guidance_extrapolates_from_the_unconditional_prediction(tiny_config):
+    """guidance w: eps_uncond + w (eps_cond - eps_uncond), eps_uncond being the model's eps with L = 0;
+    w = 1 is the plain model, and sample() takes the config's w unless given one."""
+    torch.manual_seed(0)
+    m = ColorDiffusion(Config(**{**tiny_config.to_dict(), "cond_drop": 0.1})).eval()
+    g = torch.Generator().manual_seed(3)
+    L = torch.rand(2, 1, 16, 16, generator=g) * 2 - 1
+    x = torch.randn(2, 2, 16, 16, generator=g)
+    with torch.no_grad():
+        cond, uncond = m.denoiser(L)(x, 20), m.denoiser(torch.zeros_like(L))(x, 20)
+        assert not torch.allclose(cond, uncond)
+        for w in (0.0, 1.0, 2.5):
+            assert torch.allclose(m.denoiser(L, w)(x, 20), uncond + w * (cond - uncond), atol=1e-5), w
+    m.config.guidance = 2.5
+    assert torch.equal(_sample(m, L, 0, steps=4), _sample(m, L, 0, steps=4, guidance=2.5))
+    assert not torch.equal(_sample(m, L, 0, steps=4), _sample(m, L, 0, steps=4, guidance=1.0))
+    m.config.cond_drop = 0  # never trained without L: its "unconditional" eps would be meaningless
+    with pytest.raises(ValueError, match="cond_drop"):
+        _sample(m, L, 0, steps=4)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # networks
 
@@ -399,14 +442,21 @@ def test_exported_checkpoint_is_fp16_ema_and_samples_closely(tiny_config, tmp_pa
     assert load_model(str(dst)).config == Config(**{**tiny_config.to_dict(), "sample_min_signal": 0.07})
     with pytest.raises(ValueError, match="sample_min_signal must be in"):
         train.main(["--out-dir", str(tmp_path), "--export", str(tmp_path / "bad.pt"), "--sample-min-signal", "1.5"])
+    with pytest.raises(ValueError, match="cond_drop"):  # this run never learnt the unconditional colours
+        train.main(["--out-dir", str(tmp_path), "--export", str(tmp_path / "bad.pt"), "--guidance", "1.5"])
     assert not (tmp_path / "bad.pt").exists()
+    guided = Config(**{**tiny_config.to_dict(), "cond_drop": 0.1})
+    save_checkpoint(str(src), {"config": guided.to_dict(), "model": m.state_dict(), "ema": ema.state_dict(), "step": 7})
+    train.main(["--out-dir", str(tmp_path), "--export", str(dst), "--guidance", "1.5"])
+    assert load_model(str(dst)).config == Config(**{**guided.to_dict(), "guidance": 1.5})
 
 
 @pytest.mark.parametrize("field, value, message", [
     ("schedule", "quadratic", "schedule must be one of"), ("image_size", 60, "multiple of 8"),
     ("timesteps", 1, "timesteps"), ("ab_scale", 0.0, "ab_scale"), ("sample_min_signal", 1.0, "sample_min_signal"),
     ("ema_decay", 1.0, "ema_decay"), ("batch_size", 0, "batch_size"), ("amp", "maybe", "amp"),
-    ("device", "tpu", "device"), ("val_percent", 100.0, "val_percent"), ("dim_mults", (1, 0), "dim_mults")])
+    ("device", "tpu", "device"), ("val_percent", 100.0, "val_percent"), ("dim_mults", (1, 0), "dim_mults"),
+    ("cond_drop", 1.0, "cond_drop"), ("guidance", -1.0, "guidance"), ("guidance", 2.0, "cond_drop > 0")])
 def test_config_rejects_values_that_would_fail_later(field, value, message):
     with pytest.raises(ValueError, match=message):
         Config(**{field: value})

@@ -312,6 +312,7 @@ def test_bad_inputs_give_one_error_line(cli, tmp_path, ckpt):
         (["--image-path", ok], str(tmp_path / "bad.pt"), "bad.pt"),
         (["--image-path", ok], str(tmp_path / "nope.pt"), "nope.pt"),
         (["--image-path", ok, "--device", "nonsense"], ckpt, "nonsense"),
+        (["--image-path", ok, "--guidance", "2"], ckpt, "cond_drop"),  # TINY was not trained for guidance
     ]
     for args, checkpoint, needle in cases:
         code, out, err = cli(*args, checkpoint=checkpoint)
