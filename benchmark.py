@@ -4,10 +4,11 @@
     python benchmark.py --quick          # fewer timed steps
     python benchmark.py --device cpu --threads 1 --amp off
 
-For the default model (Config(): dim 32, mults 1,2,4,8) and the original repository's size (dim 128,
-mults 1,2,3,3), at batch sizes 1 and 16, randomly initialised (speed does not depend on the weights), at the
-model resolution of a 178x218 CelebA photo: milliseconds per denoising step (the UNet), and seconds per
-image for DDIM with inference.DEFAULT_STEPS steps and for the full DDPM loop over every timestep it uses. The
+For the shipped checkpoint's model and sampling settings (guided, and unguided: guidance runs the UNet on
+twice the batch) and the original repository's size (dim 128, mults 1,2,3,3), at batch sizes 1 and 16,
+randomly initialised (speed does not depend on the weights), at the model resolution of a 178x218 CelebA
+photo: milliseconds per denoising step, and seconds per image for DDIM with inference.DEFAULT_STEPS steps
+and for the full DDPM loop over every timestep the shipped start uses. The
 per-image times are the encoder (once per image) plus steps x the measured step time: the DDPM loop is
 extrapolated from a few timed steps, not run. Step times are medians over the timed steps, so a busy
 machine's spikes count less. Last, one real end-to-end colorize() of a 178x218 photo with the default
@@ -30,16 +31,26 @@ import torch
 from PIL import Image
 
 import inference
-from model import ColorDiffusion, Config, load_model, save_checkpoint
+from model import CheckpointError, ColorDiffusion, Config, load_checkpoint, load_model, save_checkpoint
 from utils import bf16_is_fast, pick_device
 
-MODELS = [("default (dim 32; 1,2,4,8)", Config()),
-          ("original size (dim 128; 1,2,3,3)", Config(dim=128, dim_mults=(1, 2, 3, 3)))]
 PHOTO = (218, 178)  # height, width of a CelebA photo
 
 
-def ddpm_steps(config):
-    return len(ColorDiffusion(config).sampling_schedule())
+def shipped_config():
+    """The shipped checkpoint's config (Config() if there is none): its model and sampling settings."""
+    try:
+        return Config.from_dict(load_checkpoint(inference.DEFAULT_CHECKPOINT)["config"])
+    except CheckpointError:
+        return Config()
+
+
+def models():
+    c = shipped_config()
+    name = f"default (dim {c.dim}; {','.join(map(str, c.dim_mults))})"
+    rows = [(f"{name}, guidance {c.guidance}", c)] if c.guidance != 1 else []
+    rows.append((f"{name}, unguided", Config.from_dict({**c.to_dict(), "guidance": 1.0})))
+    return rows + [("original size (dim 128; 1,2,3,3)", Config(dim=128, dim_mults=(1, 2, 3, 3)))]
 
 
 def sync(device):
@@ -61,7 +72,7 @@ def gflops(model, L):
     x = torch.randn(L.shape[0], 3, *L.shape[2:], device=L.device)
     with FlopCounterMode(display=False) as counter:
         model.unet(x, torch.zeros(L.shape[0], dtype=torch.long, device=L.device), feats)
-    return counter.get_total_flops() / 1e9
+    return counter.get_total_flops() / 1e9 * (2 if model.config.guidance != 1 else 1)  # guided: two UNet passes
 
 
 def bench_steps(model, batch, device, amp, repeats, min_time, max_time):
@@ -72,7 +83,7 @@ def bench_steps(model, batch, device, amp, repeats, min_time, max_time):
     with torch.inference_mode(), amp():
         model.encoder(L)  # warm-up: first calls pick kernels
         enc = timed(lambda: model.encoder(L), device)
-        denoise = model.denoiser(L)
+        denoise = model.denoiser(L, model.config.guidance)
         denoise(x, model.config.timesteps - 1)
         times, start = [], time.perf_counter()
         while True:
@@ -121,15 +132,18 @@ def main(argv=None):
         f"{cpu_name()}, {torch.get_num_threads()} threads"
     print(f"# Color Diffusion benchmark: {where}; torch {torch.__version__}; "
           f"bf16 autocast {'on' if use_amp else 'off'}")
-    h, w = inference.model_size(ColorDiffusion(Config()), *PHOTO)
+    shipped = shipped_config()
+    reference = ColorDiffusion(shipped)
+    n_ddpm = len(reference.sampling_schedule())
+    h, w = inference.model_size(reference, *PHOTO)
     print(f"Model resolution {h}x{w} (a {PHOTO[1]}x{PHOTO[0]} photo); DDIM {inference.DEFAULT_STEPS} steps; "
-          f"DDPM = all {ddpm_steps(Config())} steps it runs, extrapolated from the timed steps.\n")
+          f"DDPM = all {n_ddpm} steps from the shipped start, extrapolated from the timed steps.\n")
     print("| model | params | GFLOP/step/image | batch | ms/step | ms/step/image | "
-          f"DDIM {inference.DEFAULT_STEPS}: s/image | DDPM {ddpm_steps(Config())}: s/image | steps timed |")
+          f"DDIM {inference.DEFAULT_STEPS}: s/image | DDPM {n_ddpm}: s/image | steps timed |")
     print("|---|---|---|---|---|---|---|---|---|")
     torch.manual_seed(0)
     default_model = None
-    for name, config in MODELS:
+    for name, config in models():
         model = ColorDiffusion(config).eval().to(device, memory_format=torch.channels_last)
         if default_model is None:
             default_model = model
@@ -139,16 +153,16 @@ def main(argv=None):
         for batch in batches:
             enc, step, n = bench_steps(model, batch, device, amp, repeats, min_time, max_time)
             ddim = (enc + inference.DEFAULT_STEPS * step) / batch
-            ddpm = (enc + ddpm_steps(config) * step) / batch
+            ddpm = (enc + n_ddpm * step) / batch
             print(f"| {name} | {n_params:.1f}M | {flops:.1f} | {batch} | {step * 1e3:.1f} | "
                   f"{step * 1e3 / batch:.1f} | {ddim:.2f} | {ddpm:.1f} | {n} |", flush=True)
         if model is not default_model:
             del model
 
-    # end to end, as a user sees it: load a checkpoint, colorize one photo with the default settings
+    # end to end, as a user sees it: load a checkpoint, colorize one photo with the shipped settings
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.pt")
-        save_checkpoint(path, {"config": Config().to_dict(),
+        save_checkpoint(path, {"config": shipped.to_dict(),
                                "ema": {k: v.half() for k, v in default_model.state_dict().items()}})
         t = time.perf_counter()
         model = load_model(path, device).to(memory_format=torch.channels_last)
@@ -159,8 +173,8 @@ def main(argv=None):
     inference.colorize(model, photo, steps=2, amp=amp_arg)  # warm-up
     runs = [timed(lambda: inference.colorize(model, photo, seed=0, amp=amp_arg), device)
             for _ in range(1 if args.quick else 2)]
-    print(f"\nEnd to end, default model and settings (DDIM {inference.DEFAULT_STEPS}), one {PHOTO[1]}x{PHOTO[0]} "
-          f"photo: colorize() {min(runs):.2f} s (best of {len(runs)}); loading the checkpoint {load:.2f} s "
+    print(f"\nEnd to end, the shipped model and settings (DDIM {inference.DEFAULT_STEPS}, guidance {shipped.guidance}), "
+          f"one {PHOTO[1]}x{PHOTO[0]} photo: colorize() {min(runs):.2f} s (best of {len(runs)}); loading the checkpoint {load:.2f} s "
           "(plus Python and torch start-up for a command-line run).")
 
 

@@ -182,7 +182,7 @@ def main(argv=None):
     label = "ours, " + ("DDPM, every step" if args.ddpm else f"DDIM {args.steps} steps")
     label += (f", eta {args.eta}" if args.eta and not args.ddpm else "") + \
         (", dyn. thr." if args.dynamic_threshold else "") + f", start at signal {start}" + \
-        (f", guidance {guidance}" if guidance != 1 else "")
+        (f", guidance {guidance}" if c.cond_drop > 0 else "")
     m, outputs = evaluate(model, truths, batch_size=args.batch_size, seed=args.seed, steps=steps, eta=args.eta,
                           dynamic_thresholding=args.dynamic_threshold, min_signal=args.min_signal, guidance=guidance)
     table = markdown(m, label)

@@ -35,7 +35,7 @@ class Config:
     min_snr_gamma: float = 5.0    # Min-SNR loss weighting min(SNR, gamma) / SNR; 0 = plain MSE
     snr_floor: float = 0.05       # and weight f / SNR where SNR < f, the noisiest steps; 0 = off
     snr_floor_cap: float = 20.0   # at most this weight: 20 keeps the floor's x0 weight down to signal ~0.05
-    cond_drop: float = 0.0        # fraction of training images shown without their greyscale (L = 0), so the
+    cond_drop: float = 0.15       # fraction of training images shown without their greyscale (L = 0), so the
                                   # same network also learns the unconditional colours that guidance needs
     sample_min_signal: float = 0.04  # sampling starts at the noisiest t whose sqrt(alphas_cumprod) >= this
     guidance: float = 1.0         # classifier-free guidance scale for sampling; 1 = none (needs cond_drop > 0)

@@ -262,6 +262,20 @@ def test_min_signal_moves_where_sampling_starts(cli, tmp_path):
         assert code == 2 and "--min-signal" in err and "Traceback" not in err
 
 
+def test_guidance_changes_the_colours_and_defaults_to_the_checkpoints(cli, tmp_path):
+    photo(20, 16).save(tmp_path / "g.png")
+    out = {}
+    for w in (None, 1, 2):
+        flags = [] if w is None else ["--guidance", w]
+        code, _, err = cli("--image-path", tmp_path / "g.png", "--output", tmp_path / f"g_{w}.png", "--steps", 3,
+                           "--seed", 0, *flags)
+        assert code == 0, err
+        out[w] = (tmp_path / f"g_{w}.png").read_bytes()
+    assert TINY.guidance == 1 and out[None] == out[1] != out[2]
+    code, _, err = cli("--image-path", tmp_path / "g.png", "--guidance", -1)
+    assert code == 2 and "--guidance" in err
+
+
 def test_eta_defaults_and_explicit_zero():
     """--eta unset means DEFAULT_ETA; an explicit --eta 0 (deterministic DDIM) is kept, not taken as unset."""
     kwargs = lambda *a: inference._sampler_kwargs(inference.parse_args(["--image-path", "x.png", *a]))  # noqa: E731
@@ -300,6 +314,9 @@ def test_bad_inputs_give_one_error_line(cli, tmp_path, ckpt):
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 3])
     (tmp_path / "afile").write_text("a file, not a folder")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    unguided = Config(**{**TINY.to_dict(), "cond_drop": 0.0})  # never trained without L: cannot be guided
+    save_checkpoint(str(tmp_path / "unguided.pt"),
+                    {"config": unguided.to_dict(), "ema": ColorDiffusion(unguided).state_dict()})
     ok = tmp_path / "ok.png"
     cases = [
         (["--image-path", tmp_path / "missing.png"], ckpt, "missing.png"),
@@ -312,7 +329,7 @@ def test_bad_inputs_give_one_error_line(cli, tmp_path, ckpt):
         (["--image-path", ok], str(tmp_path / "bad.pt"), "bad.pt"),
         (["--image-path", ok], str(tmp_path / "nope.pt"), "nope.pt"),
         (["--image-path", ok, "--device", "nonsense"], ckpt, "nonsense"),
-        (["--image-path", ok, "--guidance", "2"], ckpt, "cond_drop"),  # TINY was not trained for guidance
+        (["--image-path", ok, "--guidance", "2"], str(tmp_path / "unguided.pt"), "cond_drop"),
     ]
     for args, checkpoint, needle in cases:
         code, out, err = cli(*args, checkpoint=checkpoint)
