@@ -153,6 +153,8 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="eval")
     args = p.parse_args(argv)
+    if args.guidance is not None and args.guidance < 0:
+        p.error("--guidance must be >= 0")
     if args.min_signal is not None:
         ok, message = min_signal_check(args.min_signal, "--min-signal")
         if not ok:

@@ -38,9 +38,13 @@ def test_evaluate_writes_table_and_grid(tiny_config, photo_dir, tmp_path):
     save_checkpoint(str(ckpt), {"config": tiny_config.to_dict(), "ema": model.state_dict()})
     out = tmp_path / "eval"
     evaluate.main(["--checkpoint", str(ckpt), "--data", str(photo_dir), "--split", "all", "--num-images", "5",
-                   "--steps", "3", "--out", str(out)])
+                   "--steps", "3", "--guidance", "1.5", "--out", str(out)])
     table = (out / "eval.md").read_text()
     assert "5 all images at 16x16" in table and "greyscale baseline" in table and "DDIM 3 steps" in table
+    assert "guidance 1.5" in table
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--checkpoint", str(ckpt), "--data", str(photo_dir), "--guidance", "-1"])
+    assert e.value.code == 2
     assert "Colourfulness in its parts" in table
     from PIL import Image
     grid = Image.open(out / "grid.png")
