@@ -45,8 +45,8 @@ def shipped_config():
         return Config()
 
 
-def models():
-    c = shipped_config()
+def models(c):
+    """Rows of the table: the shipped model, guided (if it is) and unguided, and the original's size."""
     name = f"default (dim {c.dim}; {','.join(map(str, c.dim_mults))})"
     rows = [(f"{name}, guidance {c.guidance}", c)] if c.guidance != 1 else []
     rows.append((f"{name}, unguided", Config.from_dict({**c.to_dict(), "guidance": 1.0})))
@@ -143,7 +143,7 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|---|---|")
     torch.manual_seed(0)
     default_model = None
-    for name, config in models():
+    for name, config in models(shipped):
         model = ColorDiffusion(config).eval().to(device, memory_format=torch.channels_last)
         if default_model is None:
             default_model = model
@@ -173,9 +173,9 @@ def main(argv=None):
     inference.colorize(model, photo, steps=2, amp=amp_arg)  # warm-up
     runs = [timed(lambda: inference.colorize(model, photo, seed=0, amp=amp_arg), device)
             for _ in range(1 if args.quick else 2)]
-    print(f"\nEnd to end, the shipped model and settings (DDIM {inference.DEFAULT_STEPS}, guidance {shipped.guidance}), "
-          f"one {PHOTO[1]}x{PHOTO[0]} photo: colorize() {min(runs):.2f} s (best of {len(runs)}); loading the checkpoint {load:.2f} s "
-          "(plus Python and torch start-up for a command-line run).")
+    print(f"\nEnd to end, the shipped model and settings (DDIM {inference.DEFAULT_STEPS}, guidance "
+          f"{shipped.guidance}), one {PHOTO[1]}x{PHOTO[0]} photo: colorize() {min(runs):.2f} s (best of {len(runs)}); "
+          f"loading the checkpoint {load:.2f} s (plus Python and torch start-up for a command-line run).")
 
 
 if __name__ == "__main__":

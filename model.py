@@ -21,6 +21,12 @@ def min_signal_check(value, name):
     return 0 <= value < 1, f"{name} must be in [0, 1): 0 starts from pure noise at t = T"
 
 
+def guidance_check(guidance, cond_drop):
+    """(ok, message): guidance other than 1 needs the unconditional colours that only cond_drop > 0 trains.
+    One check for the config and for a guidance given at sampling time."""
+    return guidance == 1 or cond_drop > 0, "guidance other than 1 needs a model trained with cond_drop > 0"
+
+
 @dataclass
 class Config:
     # model (all that inference needs: saved in every checkpoint)
@@ -73,8 +79,7 @@ class Config:
             (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
             (0 <= self.cond_drop < 1, "cond_drop must be in [0, 1)"),
             (self.guidance >= 0, "guidance must be >= 0"),
-            (self.guidance == 1 or self.cond_drop > 0,
-             "guidance other than 1 needs a model trained with cond_drop > 0"),
+            guidance_check(self.guidance, self.cond_drop),
             (self.timesteps >= 2, "timesteps must be at least 2"),
             (self.ab_scale > 0, "ab_scale must be positive"),
             (self.min_snr_gamma >= 0 and self.snr_floor >= 0 and self.snr_floor_cap >= 1,
@@ -224,10 +229,11 @@ class ColorDiffusion(nn.Module):
         """eps = denoise(x_t, t) for fixed greyscale L: the encoder runs here once, not at every step.
         guidance w != 1 is classifier-free guidance (Ho & Salimans 2022): eps_uncond + w (eps - eps_uncond),
         the unconditional eps from cond_drop's null condition L = 0, both in one batch."""
+        ok, message = guidance_check(guidance, self.config.cond_drop)
+        if not ok:
+            raise ValueError(message)
         guided = guidance != 1
         if guided:
-            if self.config.cond_drop == 0:
-                raise ValueError("guidance needs a checkpoint trained with cond_drop > 0; this one was not")
             L = torch.cat([L, torch.zeros_like(L)])
         feats = self.encoder(L)
 

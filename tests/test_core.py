@@ -143,7 +143,6 @@ def test_loss_noises_only_ab_and_passes_L_unchanged(tiny_config, monkeypatch):
     assert m(lab, t=t, noise=noise).item() == pytest.approx(per_sample.mean().item(), rel=1e-6)
 
 
-
 def test_cond_drop_hides_L_from_some_training_images_only(tiny_config, monkeypatch):
     """cond_drop shows a random share of a training batch with L = 0 (the null condition) to both the UNet
     and the encoder, the same rows to both; evaluation (the EMA's validation loss) always sees L."""

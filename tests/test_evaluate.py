@@ -42,13 +42,13 @@ def test_evaluate_writes_table_and_grid(tiny_config, photo_dir, tmp_path):
     table = (out / "eval.md").read_text()
     assert "5 all images at 16x16" in table and "greyscale baseline" in table and "DDIM 3 steps" in table
     assert "guidance 1.5" in table
-    with pytest.raises(SystemExit) as e:
-        evaluate.main(["--checkpoint", str(ckpt), "--data", str(photo_dir), "--guidance", "-1"])
-    assert e.value.code == 2
     assert "Colourfulness in its parts" in table
     from PIL import Image
     grid = Image.open(out / "grid.png")
     assert grid.size == (5 * 16, 3 * 16)  # greyscale | ours | truth rows, one column per image
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--checkpoint", str(ckpt), "--data", str(photo_dir), "--guidance", "-1"])
+    assert e.value.code == 2
 
 
 def test_skip_evaluates_later_images(tiny_config, photo_dir, tmp_path):
