@@ -5,8 +5,10 @@
     python app.py --host 0.0.0.0                   # reachable from other machines (only when asked)
     python app.py --share                          # a temporary public gradio.live link (needs internet)
 
-Upload, drop or paste a photo (or click an example face), press Colorize. Requests are queued, so several
-users can share one model; the model is loaded once, at start.
+Upload, drop or paste a photo (or click an example face), press Colorize. To steer the colours (for a model
+trained with hints), pick a colour and click on the photo under "Colour hints": each click pins that colour
+there, and the region around it follows. Requests are queued, so several users can share one model; the
+model is loaded once, at start.
 """
 import argparse
 import os
@@ -16,17 +18,18 @@ import sys
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry, no version check: works offline
 
 import gradio as gr  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 
-from inference import DEFAULT_CHECKPOINT, DEFAULT_STEPS, colorize  # noqa: E402
-from model import CheckpointError, load_model  # noqa: E402
-from utils import ImageError, bf16_is_fast, load_image, pick_device  # noqa: E402
+from inference import DEFAULT_CHECKPOINT, colorize, fast_unet, load_hints  # noqa: E402
+from model import SAMPLERS, CheckpointError, load_model  # noqa: E402
+from utils import IMAGE_EXTENSIONS, ImageError, bf16_is_fast, load_image, pick_device  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES_DIR = os.path.join(HERE, "examples")
 MAX_FILE_SIZE = "50mb"        # larger uploads are refused by the page itself
 MAX_PIXELS = 40_000_000       # 40 megapixels: larger images are refused before they are decoded
 MAX_SAMPLES = 8
+VIEW_SIZE = 1024              # the hints view's long side, at least (see show_hints)
 
 
 def open_upload(photo) -> Image.Image:
@@ -57,13 +60,40 @@ def example_faces() -> list[str]:
     if not os.path.isdir(EXAMPLES_DIR):
         return []
     return [os.path.join(EXAMPLES_DIR, f) for f in sorted(os.listdir(EXAMPLES_DIR))
-            if f.lower().endswith((".jpg", ".jpeg", ".png", ".webp"))]
+            if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
 
 
-def build_demo(model, amp=False) -> gr.Blocks:
-    T = model.config.timesteps
+def view_zoom(img: Image.Image) -> float:
+    """How much the hints view enlarges a photo: to VIEW_SIZE on its long side, never shrunk."""
+    return max(1.0, VIEW_SIZE / max(img.size))
 
-    def run(photo, steps, start, guidance, num_samples, seed, random_seed, dynamic_thresholding,
+
+def hint_radius(img: Image.Image) -> int:
+    """A click's hint: a dot about a 40th of the photo's short side (a few model pixels)."""
+    return max(2, min(img.size) // 40)
+
+
+def hint_image(img: Image.Image, hints) -> Image.Image:
+    """The hints [(x, y, colour)] as an RGBA image the photo's size: opaque dots, transparent elsewhere."""
+    layer = Image.new("RGBA", img.size, (0, 0, 0, 0))
+    draw, r = ImageDraw.Draw(layer), hint_radius(img)
+    for x, y, colour in hints:
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
+    return layer
+
+
+def parse_colour(colour) -> str:
+    """Gradio's colour picker gives '#rrggbb' or 'rgba(r, g, b, a)': PIL wants the former."""
+    if colour.startswith("rgb"):
+        r, g, b = (round(float(v)) for v in colour[colour.index("(") + 1:-1].split(",")[:3])
+        return f"#{r:02x}{g:02x}{b:02x}"
+    return colour
+
+
+def build_demo(model, amp=False, unet=None) -> gr.Blocks:
+    c, T = model.config, model.config.timesteps
+
+    def run(photo, hints, sampler, steps, start, guidance, num_samples, seed, random_seed, dynamic_thresholding,
             progress=gr.Progress()):
         img = open_upload(photo)
         seed = random.randrange(2 ** 31) if random_seed or seed is None else int(seed)
@@ -72,9 +102,10 @@ def build_demo(model, amp=False) -> gr.Blocks:
         def callback(i, n, x_t, x0):
             progress((i + 1, n), desc="Denoising")
 
-        samples = colorize(model, img, steps=int(steps), num_samples=int(num_samples), seed=seed,
+        samples = colorize(model, img, sampler=sampler, steps=int(steps), num_samples=int(num_samples), seed=seed,
                            dynamic_thresholding=bool(dynamic_thresholding), min_signal=float(start),
-                           guidance=float(guidance), callback=callback, amp=amp)
+                           guidance=float(guidance), callback=callback, amp=amp, unet=unet,
+                           hints=load_hints(hint_image(img, hints), img.size) if hints and c.hints else None)
         return (img, samples[0]), samples, seed
 
     def check(photo):
@@ -86,6 +117,24 @@ def build_demo(model, amp=False) -> gr.Blocks:
             gr.Warning(e.message, title="Cannot use this file")
             return None
 
+    def show_hints(photo, hints):
+        """The photo with its hints, at least VIEW_SIZE pixels long: Gradio maps a click to the picture's pixels
+        correctly only where the page shows it at its own size or smaller."""
+        if not photo or not photo.get("path"):
+            return None
+        img = open_upload(photo).convert("RGB")
+        img.paste(hint_image(img, hints), (0, 0), hint_image(img, hints))
+        zoom = view_zoom(img)
+        return img.resize((round(img.width * zoom), round(img.height * zoom)), Image.NEAREST) if zoom > 1 else img
+
+    def add_hint(photo, hints, colour, evt: gr.SelectData):
+        """A click on the hints view pins the picked colour at that pixel of the photo."""
+        if not photo or not photo.get("path"):
+            raise gr.Error("Upload a photo (or click an example) first.", print_exception=False)
+        zoom = view_zoom(open_upload(photo))
+        hints = hints + [(round(evt.index[0] / zoom), round(evt.index[1] / zoom), parse_colour(colour))]
+        return show_hints(photo, hints), hints
+
     with gr.Blocks(title="Color Diffusion", analytics_enabled=False) as demo:
         gr.Markdown("# Color Diffusion\nColorize a greyscale face photo: upload, drop or paste one "
                     "(or click an example), then press **Colorize**. Each sample is a different guess.")
@@ -96,9 +145,20 @@ def build_demo(model, amp=False) -> gr.Blocks:
                 if example_faces():
                     gr.Examples([[path] for path in example_faces()], inputs=[photo], label="Example faces",
                                 cache_examples=False, elem_id="examples")
+                hints = gr.State([])
+                with gr.Accordion("Colour hints", open=c.hints, visible=c.hints):
+                    gr.Markdown("Pick a colour, then click on the photo below: that spot takes the colour and "
+                                "the region around it follows.")
+                    with gr.Row():
+                        colour = gr.ColorPicker(value="#3060c0", label="Hint colour", elem_id="hint-colour")
+                        clear = gr.Button("Clear hints", elem_id="clear-hints")
+                    hint_view = gr.Image(label="Click to add a hint", type="pil", interactive=False, format="png",
+                                         height=360, elem_id="hint-view")
                 with gr.Accordion("Settings", open=True):
-                    steps = gr.Slider(1, T, value=min(DEFAULT_STEPS, T), step=1, label="Sampling steps",
-                                      info=f"more: slower, often cleaner; {T}: the full DDPM loop")
+                    sampler = gr.Dropdown(list(SAMPLERS), value=c.sampler, label="Sampler",
+                                          info="ddpm: the original's full loop (slow)")
+                    steps = gr.Slider(1, T, value=min(c.sample_steps, T), step=1, label="Sampling steps",
+                                      info="more: slower, sometimes cleaner (ddpm runs every timestep)")
                     start = gr.Slider(0, 0.2, value=model.config.sample_min_signal, step=0.005,
                                       label="Sampling start (signal level)",
                                       info="lower: bolder colours, more mistakes")
@@ -124,8 +184,12 @@ def build_demo(model, amp=False) -> gr.Blocks:
         # preprocess=False: run() gets the raw uploaded file, so a broken file gets a clear message, not
         # Gradio's own decoding error. (Gradio still checks that the path is one of its uploads.)
         photo.upload(check, photo, photo, preprocess=False)
-        button.click(run, [photo, steps, start, guidance, num_samples, seed, random_seed, dynamic_thresholding],
-                     [comparison, gallery, seed], preprocess=False)
+        # a new photo (uploaded, pasted, an example) starts with no hints
+        photo.change(lambda photo: (show_hints(photo, []), []), photo, [hint_view, hints], preprocess=False)
+        hint_view.select(add_hint, [photo, hints, colour], [hint_view, hints], preprocess=False)
+        clear.click(lambda photo: (show_hints(photo, []), []), photo, [hint_view, hints], preprocess=False)
+        button.click(run, [photo, hints, sampler, steps, start, guidance, num_samples, seed, random_seed,
+                           dynamic_thresholding], [comparison, gallery, seed], preprocess=False)
     return demo
 
 
@@ -137,17 +201,18 @@ def main():
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also make a temporary public gradio.live link")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--runtime", choices=("auto", "openvino", "torch"), default="auto",
+                   help="auto: OpenVINO on a CPU, PyTorch on a GPU")
     args = p.parse_args()
 
     try:
         device = pick_device(args.device)
         model = load_model(args.checkpoint, device)
+        unet = fast_unet(model, args.checkpoint, args.runtime)
     except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
-    except (RuntimeError, KeyError, TypeError) as e:
-        sys.exit(f"error: {args.checkpoint}: its weights do not fit the model ({type(e).__name__})")
 
-    demo = build_demo(model, amp=bf16_is_fast(device))
+    demo = build_demo(model, amp=bf16_is_fast(device), unet=unet)
     demo.queue()
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_FILE_SIZE)

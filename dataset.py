@@ -1,10 +1,18 @@
-"""CelebA-style folders of colour photos as normalized LAB tensors.
+"""Folders of colour photos as training examples: the L of a greyscale version, and the true ab.
 
-Decoding a JPEG and converting it to LAB costs more than a training step's share of a small model on
-CPU, so a folder is decoded once, with scikit-image's rgb2lab, into a cache of fp16 LAB tensors at the
-training size (`cache/<folder>_<hash>_<size>.pt`). Augmentation then works on those tensors.
+Users bring whole photos at any framing, greyscale made by scanners and photo editors. So a folder is decoded
+once into a cache of whole photos (RGB uint8, aspect kept, short side CACHE_SCALE x the training size:
+`cache/<folder>_<hash>_<size>.pt`), and every training example is drawn from it afresh:
+  - a random resized crop, from the face filling the frame to the face small in it (the photo reflect-padded
+    around it), portrait, square or landscape, with a flip and sometimes a small rotation;
+  - a greyscale made the ways real ones are: LAB's L, Rec. 601 luma (PIL's convert("L")), Rec. 709, or a
+    film-like spectral mix, then gamma, contrast, blur, grain and JPEG artefacts;
+  - the model sees the L of that greyscale and learns the crop's true ab.
+Each example's randomness is drawn from (seed, epoch, index) and each batch's shape from (seed, epoch, batch),
+so a resumed run sees exactly what the uninterrupted one would have.
 """
 import hashlib
+import math
 import os
 import sys
 import zlib
@@ -13,28 +21,15 @@ from multiprocessing import Pool
 import numpy as np
 import torch
 from PIL import Image
-from skimage.color import rgb2lab
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
-from utils import AB_NORM, ImageError, load_image
+from utils import ImageError, is_greyscale, list_images, load_image, rgb_to_lab
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
-
-
-def is_greyscale(img: Image.Image, tolerance: int = 3) -> bool:
-    """True if a photo has no colour: a greyscale mode, or RGB whose channels never differ by more than
-    `tolerance` levels (greyscale JPEGs saved as RGB carry a little chroma noise)."""
-    if img.mode in ("1", "L", "LA", "I", "I;16", "F"):
-        return True
-    rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
-    spread = rgb.max(axis=2) - rgb.min(axis=2)
-    return bool(np.percentile(spread, 99) <= tolerance)
-
-
-def list_images(folder):
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder}: no such folder")
-    return sorted(f for f in os.listdir(folder) if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+CACHE_SCALE = 2  # cached photos' short side, in training sizes: zoomed-in crops keep their detail
+ASPECTS = (1.0, 1.25, 0.8, 1.5, 2 / 3)  # height / width of a batch: square, portrait, landscape
+LUMA = {"rec601": (0.299, 0.587, 0.114), "rec709": (0.2126, 0.7152, 0.0722)}
 
 
 def is_validation(name: str, val_percent: float) -> bool:
@@ -42,102 +37,174 @@ def is_validation(name: str, val_percent: float) -> bool:
     return zlib.crc32(name.encode()) % 10000 < val_percent * 100
 
 
-def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
-    w, h = img.size
-    s = min(w, h)
-    box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
-    return img.convert("RGB").resize((size, size), Image.BICUBIC, box=box)
-
-
-def image_to_lab(img: Image.Image) -> np.ndarray:
-    """PIL RGB -> normalized LAB (3, H, W) float32, with scikit-image."""
-    lab = rgb2lab(np.asarray(img, dtype=np.float32) / 255.0).astype(np.float32)
-    lab[..., 0] = lab[..., 0] / 50 - 1
-    lab[..., 1:] /= AB_NORM
-    return lab.transpose(2, 0, 1)
+def batch_shape(image_size, aspect, multiple=8):
+    """(h, w) of a batch with this aspect: short side image_size, each side a multiple of `multiple`."""
+    if aspect >= 1:
+        return round(image_size * aspect / multiple) * multiple, image_size
+    return image_size, round(image_size / aspect / multiple) * multiple
 
 
 def _decode(args):
-    path, size = args
+    path, short_side = args
     try:
         img = load_image(path)
     except ImageError as e:
         return None, str(e)
     if is_greyscale(img):
         return None, f"{path}: greyscale, has no colour to learn from"
-    return image_to_lab(center_crop_resize(img, size)).astype(np.float16), None
+    w, h = img.size
+    s = short_side / min(w, h)
+    img = img.convert("RGB").resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC, reducing_gap=3.0)
+    return np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1)), None  # numpy: tensors would cross as fds
 
 
 def build_cache(folder, image_size, cache_dir="cache", workers=None):
-    """Decode every usable image of `folder` once; returns (lab fp16 tensor (N, 3, S, S), file names).
-    Unusable files (not images, truncated, greyscale) are skipped with one warning each."""
+    """Decode every usable image of `folder` once; returns (list of RGB uint8 tensors (3, H, W) whose short side
+    is CACHE_SCALE * image_size, file names). Unusable files (not images, truncated, greyscale) are skipped
+    with one warning each."""
     folder = os.path.abspath(folder)
     names = list_images(folder)
+    short_side = CACHE_SCALE * image_size
     key = hashlib.sha1(f"{folder}:{len(names)}:{names[:1]}:{names[-1:]}".encode()).hexdigest()[:8]
-    path = os.path.join(cache_dir, f"{os.path.basename(folder)}_{key}_{image_size}.pt")
+    path = os.path.join(cache_dir, f"{os.path.basename(folder)}_{key}_rgb{short_side}.pt")
     if os.path.exists(path):
         cache = torch.load(path, weights_only=True)
-        return cache["lab"], cache["names"]
-    jobs = [(os.path.join(folder, n), image_size) for n in names]
+        return cache["rgb"], cache["names"]
+    jobs = [(os.path.join(folder, n), short_side) for n in names]
     with Pool(workers or os.cpu_count()) as pool:
         results = pool.map(_decode, jobs, chunksize=64)
-    kept, arrays = [], []
-    for name, (arr, err) in zip(names, results):
+    kept, images = [], []
+    for name, (img, err) in zip(names, results):
         if err:
             print(f"warning: skipping {err}", file=sys.stderr)
         else:
             kept.append(name)
-            arrays.append(arr)
-    if not arrays:
+            images.append(torch.from_numpy(img))
+    if not images:
         raise ValueError(f"{folder}: no usable colour images")
-    lab = torch.from_numpy(np.stack(arrays))
     os.makedirs(cache_dir, exist_ok=True)
-    torch.save({"lab": lab, "names": kept}, path + ".tmp")
+    torch.save({"rgb": images, "names": kept}, path + ".tmp")
     os.replace(path + ".tmp", path)
-    return lab, kept
+    return images, kept
 
 
-class LabDataset(Dataset):
-    """Normalized LAB images from a cache tensor. With `train`, each item gets a horizontal flip and a
-    mild jitter (lightness contrast/brightness, colour saturation) drawn from (seed, epoch, index), so a
-    resumed run sees exactly the augmentations the uninterrupted one would have."""
+def random_crop(img, h, w, g):
+    """A random resized crop of img (3, H, W) uint8 to (h, w): area 0.3-1.6x the photo's (above 1 the photo is
+    small in a reflect-padded frame), the batch's aspect +-10%, anywhere that keeps most of the photo in view,
+    sometimes rotated up to 12 degrees; flipped half the time."""
+    H, W = img.shape[-2:]
+    area, jitter, cx, cy, rotate, angle, flip = torch.rand(7, generator=g).tolist()
+    area = math.exp(math.log(0.3) + area * math.log(1.6 / 0.3)) * H * W
+    ratio = (w / h) * math.exp(0.2 * (jitter - 0.5))
+    cw, ch = min(math.sqrt(area * ratio), 1.6 * W), min(math.sqrt(area / ratio), 1.6 * H)
+    left = (W - cw) / 2 + (cx - 0.5) * abs(W - cw)
+    top = (H - ch) / 2 + (cy - 0.5) * abs(H - ch)
+    pad = min(H, W) // 2 - 1  # reflect padding must be smaller than the image
+    img = TF.pad(img, [pad], padding_mode="reflect")
+    if rotate < 0.3:
+        img = TF.rotate(img, 24 * (angle - 0.5), interpolation=v2.InterpolationMode.BILINEAR,
+                        center=[left + pad + cw / 2, top + pad + ch / 2])
+    img = TF.resized_crop(img, round(top + pad), round(left + pad), round(ch), round(cw), [h, w], antialias=True)
+    return img.flip(-1) if flip < 0.5 else img
 
-    def __init__(self, lab, train=False, seed=0):
-        self.lab, self.train, self.seed, self.epoch = lab, train, seed, 0
+
+def random_greyscale(rgb, g):
+    """A greyscale version of rgb (3, h, w) in [0, 1], made as a scanner, a photo editor or film might, as
+    (1, h, w) in [0, 1]. LAB's L is one choice among several luma weightings; tone, blur, grain and JPEG
+    artefacts follow, each some of the time."""
+    kind, gamma, contrast, bright, blur, sigma, grain, amount, jpeg, quality = torch.rand(10, generator=g).tolist()
+    if kind < 0.25:  # LAB's L, as the grey whose L it is
+        grey = _grey_from_l(rgb_to_lab(rgb[None])[0, :1])
+    elif kind < 0.75:  # PIL's convert("L") and most editors (Rec. 601), or HDTV luma (Rec. 709)
+        grey = torch.tensordot(torch.tensor(LUMA["rec601" if kind < 0.6 else "rec709"]), rgb, dims=1)[None]
+    else:  # film: orthochromatic to panchromatic, a random spectral mix around Rec. 601
+        weights = torch.tensor(LUMA["rec601"]) * torch.exp(0.6 * torch.randn(3, generator=g))
+        grey = torch.tensordot(weights / weights.sum(), rgb, dims=1)[None]
+    if gamma < 0.5:  # gamma 0.74-1.35
+        grey = grey.clamp(0, 1) ** math.exp(0.6 * (2 * gamma - 0.5))
+    if contrast < 0.5:  # contrast 0.8-1.2, brightness +-0.05
+        grey = (grey - grey.mean()) * (0.8 + 0.8 * contrast) + grey.mean() + 0.1 * (bright - 0.5)
+    if blur < 0.2:
+        grey = TF.gaussian_blur(grey, [5, 5], [0.3 + 0.7 * sigma])
+    if grain < 0.3:
+        grey = grey + (0.005 + 0.025 * amount) * torch.randn(grey.shape, generator=g)
+    grey = grey.clamp(0, 1)
+    if jpeg < 0.3:
+        grey = TF.jpeg((grey * 255).round().byte(), int(30 + 60 * quality)).float() / 255
+    return grey
+
+
+def _grey_from_l(L_n):
+    """The neutral grey (1, h, w) in [0, 1] sRGB whose LAB lightness is L_n (normalized, (1, h, w))."""
+    L = (L_n + 1) * 50
+    fy = (L + 16) / 116
+    Y = torch.where(fy > 0.2068966, fy ** 3, (fy - 16 / 116) / 7.787)
+    return torch.where(Y > 0.0031308, 1.055 * Y.clamp(min=0) ** (1 / 2.4) - 0.055, 12.92 * Y).clamp(0, 1)
+
+
+def grey_to_l(grey):
+    """(1, h, w) greyscale in [0, 1] -> its normalized L, as inference computes it (R = G = B)."""
+    return rgb_to_lab(grey.expand(3, -1, -1)[None])[0, :1]
+
+
+class PhotoDataset(Dataset):
+    """Training examples from cached photos. An item is (index, h, w): the batch's shape travels with each
+    index (see make_loader). Returns (3, h, w): the L of a greyscale version, then the true ab (normalized LAB).
+    With `train`, the crop and the greyscale are random (drawn from (seed, epoch, index)); without, the photo's
+    centre at the batch's aspect, and LAB's own L."""
+
+    def __init__(self, images, train=False, seed=0):
+        self.images, self.train, self.seed, self.epoch = images, train, seed, 0
 
     def set_epoch(self, epoch):
         self.epoch = epoch
 
     def __len__(self):
-        return len(self.lab)
+        return len(self.images)
 
-    def __getitem__(self, i):
-        x = self.lab[i].float()
+    def __getitem__(self, item):
+        i, h, w = item
+        img = self.images[i]
         if not self.train:
-            return x
+            H, W = img.shape[-2:]
+            s = min(H / h, W / w)
+            crop = TF.resized_crop(img, round((H - h * s) / 2), round((W - w * s) / 2), round(h * s), round(w * s),
+                                   [h, w], antialias=True)
+            return rgb_to_lab(crop[None].float() / 255)[0]
         g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
-        flip, contrast, bright, sat = torch.rand(4, generator=g).tolist()
-        if flip < 0.5:
-            x = x.flip(-1)
-        L, ab = x[:1], x[1:]
-        L = ((L - L.mean()) * (0.9 + 0.2 * contrast) + L.mean() + 0.1 * (bright - 0.5)).clamp(-1, 1)
-        return torch.cat([L, ab * (0.9 + 0.2 * sat)])
+        rgb = random_crop(img, h, w, g).float() / 255
+        lab = rgb_to_lab(rgb[None])[0]
+        return torch.cat([grey_to_l(random_greyscale(rgb, g)), lab[1:]])
+
+
+def mean_ab(images, n=2000):
+    """Mean normalized ab of (up to n evenly spaced) photos: sampling starts from it (ColorDiffusion.sample)."""
+    step = max(1, len(images) // n)
+    means = [rgb_to_lab(img[None].float() / 255)[0, 1:].mean(dim=(1, 2)) for img in images[::step]]
+    return torch.stack(means).mean(0)
 
 
 def load_split(folder, image_size, val_percent, cache_dir="cache", seed=0):
-    """(train, val) LabDatasets over a folder, split by file name."""
-    lab, names = build_cache(folder, image_size, cache_dir)
-    val = torch.tensor([is_validation(n, val_percent) for n in names], dtype=torch.bool)
-    return LabDataset(lab[~val], train=True, seed=seed), LabDataset(lab[val])
+    """(train, val) PhotoDatasets over a folder, split by file name."""
+    images, names = build_cache(folder, image_size, cache_dir)
+    val = [is_validation(n, val_percent) for n in names]
+    return (PhotoDataset([x for x, v in zip(images, val) if not v], train=True, seed=seed),
+            PhotoDataset([x for x, v in zip(images, val) if v]))
 
 
-def make_loader(dataset, batch_size, epoch=0, skip_batches=0, rank=0, world_size=1, seed=0, num_workers=0):
+def make_loader(dataset, batch_size, image_size, epoch=0, skip_batches=0, rank=0, world_size=1, seed=0,
+                num_workers=0):
     """One epoch of batches: this rank's shard of a per-epoch shuffle (DistributedSampler, which also works
-    with no process group), starting after `skip_batches` batches so a resumed run continues mid-epoch."""
+    with no process group), starting after `skip_batches` batches so a resumed run continues mid-epoch. Each
+    batch has one shape, drawn from ASPECTS by (seed, epoch, batch): the same on every rank."""
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                  drop_last=True)
     sampler.set_epoch(epoch)
     dataset.set_epoch(epoch)
-    indices = list(sampler)[skip_batches * batch_size:]
-    return DataLoader(dataset, batch_size=batch_size, sampler=indices, drop_last=True, num_workers=num_workers,
+    indices = list(sampler)
+    g = torch.Generator().manual_seed(seed * 7919 + epoch)
+    n = len(indices) // batch_size
+    shapes = [batch_shape(image_size, ASPECTS[k]) for k in torch.randint(len(ASPECTS), (n,), generator=g).tolist()]
+    batches = [[(i, *shapes[b]) for i in indices[b * batch_size:(b + 1) * batch_size]] for b in range(n)]
+    return DataLoader(dataset, batch_sampler=batches[skip_batches:], num_workers=num_workers,
                       pin_memory=torch.cuda.is_available(), persistent_workers=False)

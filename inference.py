@@ -10,9 +10,12 @@ input's full size and recombined with the input's own full-resolution L, so no d
 photo is colorized from its lightness alone. `python inference.py --help` lists every flag.
 """
 import argparse
+import hashlib
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 # OpenMP threads that spin while they wait for each other collapse when another process keeps the cores busy:
@@ -26,16 +29,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 from tqdm import tqdm
 
-from model import CheckpointError, load_model, min_signal_check
-from utils import (ImageError, bf16_is_fast, fit_to_gamut, lab_to_rgb, load_image, pick_device, rgb_to_lab,
-                   save_image, tensor_to_pil)
+from model import SAMPLERS, CheckpointError, load_model, min_signal_check
+from utils import (IMAGE_EXTENSIONS, ImageError, bf16_is_fast, fit_to_gamut, is_greyscale, lab_to_rgb, list_images,
+                   load_image, pick_device, rgb_to_lab, save_image, tensor_to_pil)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "color-diffusion")
 DEFAULT_CHECKPOINT = os.path.join(HERE, "checkpoints", "celeba64.pt")
-DEFAULT_STEPS = 100  # with the shipped start (0.01): bolder than 20, nearer the truth's colourfulness (README)
-DEFAULT_ETA = 1.0  # DDIM's stochasticity: 1 beat 0 on PSNR, CIEDE2000 and colourfulness (README, Evaluation)
 DEFAULT_BATCH = 16
 STRIP_PIXELS = 1 << 19  # recombine() works on horizontal strips of about this many pixels
 SAVE_PARAMS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}}  # PIL's default JPEG quality 75 blurs L
@@ -89,10 +92,34 @@ def model_input(model, img: Image.Image) -> torch.Tensor:
     return rgb_to_lab(F.interpolate(rgb, (h, w), mode="bicubic", antialias=True).clamp(0, 1))[:, :1]
 
 
-def recombine(img: Image.Image, ab: torch.Tensor) -> list[Image.Image]:
+def load_hints(path_or_image, size) -> torch.Tensor:
+    """Colour hints from an RGBA image (a path or PIL image) whose opaque pixels are the hints, scaled to
+    `size` = (W, H) of the photo -> (1, 3, H, W): the hinted normalized ab, and a mask of the hinted pixels."""
+    img = load_image(path_or_image) if isinstance(path_or_image, (str, os.PathLike)) else path_or_image
+    name = path_or_image if isinstance(path_or_image, (str, os.PathLike)) else "hints"
+    if "A" not in img.getbands() and "transparency" not in img.info:
+        raise ImageError(f"{name}: hints need transparency (an RGBA image whose opaque pixels are the hints)")
+    img = img.convert("RGBA").resize(size, Image.NEAREST)
+    rgba = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    mask = (rgba[:, 3:] > 0.5).float()
+    if not mask.any():
+        raise ImageError(f"{name}: no hints (every pixel is transparent)")
+    return torch.cat([rgb_to_lab(rgba[:, :3])[:, 1:] * mask, mask], dim=1)
+
+
+def model_hints(hints: torch.Tensor, h, w) -> torch.Tensor:
+    """Full-size hints (1, 3, H, W) -> the model's resolution: each hinted model pixel takes the mean colour of
+    the hinted photo pixels it covers."""
+    pooled = F.adaptive_avg_pool2d(hints, (h, w))
+    mask = pooled[:, 2:] > 0
+    return torch.cat([pooled[:, :2] / pooled[:, 2:].clamp(min=1e-8) * mask, mask.float()], dim=1)
+
+
+def recombine(img: Image.Image, ab: torch.Tensor, hints: torch.Tensor | None = None) -> list[Image.Image]:
     """The input's own full-resolution L + each of the K samples ab (K, 2, h, w), upsampled to its size ->
-    K PIL RGB images (RGBA if the input had alpha). The input's L is computed once for all K. Colours outside
-    sRGB lose chroma, not lightness, so the outputs keep the input's L."""
+    K PIL RGB images (RGBA if the input had alpha). The input's L is computed once for all K. Hinted pixels
+    (full-size `hints`, see load_hints) take the hinted colour. Colours outside sRGB lose chroma, not
+    lightness, so the outputs keep the input's L."""
     rgb, alpha = greyscale_rgb(img)
     H, W = rgb.shape[-2:]
     rows = max(1, STRIP_PIXELS // W)
@@ -101,6 +128,8 @@ def recombine(img: Image.Image, ab: torch.Tensor) -> list[Image.Image]:
     outs = []
     for k in range(len(ab)):
         ab_full = F.interpolate(ab[k:k + 1].float().cpu(), (H, W), mode="bilinear", align_corners=False)
+        if hints is not None:
+            ab_full = torch.where(hints[:, 2:] > 0, hints[:, :2], ab_full)
         out = Image.new("RGB", (W, H))
         for top in strips:
             lab = fit_to_gamut(torch.cat([L[..., top:top + rows, :], ab_full[..., top:top + rows, :]], dim=1))
@@ -112,13 +141,14 @@ def recombine(img: Image.Image, ab: torch.Tensor) -> list[Image.Image]:
 
 
 @torch.inference_mode()
-def colorize_batch(model, images, steps=DEFAULT_STEPS, eta=DEFAULT_ETA, num_samples=1, seed=None,
-                   dynamic_thresholding=False, min_signal=None, guidance=None, callback=None, amp=None,
-                   batch_size=DEFAULT_BATCH):
+def colorize_batch(model, images, num_samples=1, seed=None, callback=None, amp=None, batch_size=DEFAULT_BATCH,
+                   hints=None, unet=None, **sampling):
     """Colorize a list of PIL images: returns, per image, a list of `num_samples` PIL images at that image's
     exact size. Images with the same model resolution are sampled together, up to `batch_size` rows (an image
-    with num_samples=K takes K rows). steps=None runs the full DDPM loop. With `seed`, the same call gives
-    the same result bit for bit. amp=None uses bf16 autocast where it is fast (utils.bf16_is_fast).
+    with num_samples=K takes K rows). `sampling` (sampler, steps, eta, min_signal, guidance,
+    dynamic_thresholding) goes to model.sample: what is not given is the checkpoint's. `hints`: per image, None
+    or full-size hints (load_hints). `unet`: another runtime's UNet (OpenVINOUNet). With `seed`, the same
+    call gives the same result bit for bit. amp=None uses bf16 autocast where it is fast (utils.bf16_is_fast).
     callback(i, n, x_t, x0) sees each step of each batch (model-space tensors, num_samples rows per image)."""
     device = next(model.parameters()).device
     amp = bf16_is_fast(device) if amp is None else amp
@@ -134,21 +164,103 @@ def colorize_batch(model, images, steps=DEFAULT_STEPS, eta=DEFAULT_ETA, num_samp
             chunk = idx[start:start + per_batch]
             L = torch.cat([smalls[i] for i in chunk]).repeat_interleave(num_samples, dim=0)
             L = L.to(device).contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                ab = model.sample(L, steps=steps, eta=eta, dynamic_thresholding=dynamic_thresholding,
-                                  min_signal=min_signal, guidance=guidance, generator=generator, callback=callback)
+            small_hints = None
+            if model.config.hints and hints is not None:  # images without hints get an empty mask
+                small_hints = torch.cat([model_hints(hints[i], *L.shape[-2:]) if hints[i] is not None
+                                         else torch.zeros(1, 3, *L.shape[-2:]) for i in chunk])
+                small_hints = small_hints.repeat_interleave(num_samples, dim=0).to(device)
+            elif hints is not None and any(h is not None for h in hints):
+                raise ValueError("this checkpoint was not trained with colour hints")
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and unet is None):
+                ab = model.sample(L, hints=small_hints, generator=generator, callback=callback, unet=unet,
+                                  **sampling)
             for j, i in enumerate(chunk):  # one at a time: a full-size 4000x4000 LAB image is large
-                results[i] = recombine(images[i], ab[j * num_samples:(j + 1) * num_samples])
+                results[i] = recombine(images[i], ab[j * num_samples:(j + 1) * num_samples],
+                                       None if hints is None else hints[i])
     return results
 
 
-def colorize(model, img: Image.Image, steps=DEFAULT_STEPS, eta=DEFAULT_ETA, num_samples=1, seed=None,
-             dynamic_thresholding=False, min_signal=None, guidance=None, callback=None, amp=None):
+def colorize(model, img: Image.Image, num_samples=1, seed=None, callback=None, amp=None, hints=None, unet=None,
+             **sampling):
     """Colorize one image: returns `num_samples` PIL images (RGB, or RGBA if the input had alpha) at the
-    input's exact size. steps=None runs the full DDPM loop. callback(i, n, x_t, x0) sees each step."""
-    return colorize_batch(model, [img], steps=steps, eta=eta, num_samples=num_samples, seed=seed,
-                          dynamic_thresholding=dynamic_thresholding, min_signal=min_signal, guidance=guidance,
-                          callback=callback, amp=amp, batch_size=num_samples)[0]
+    input's exact size; `hints` (full-size, load_hints), `unet` and `sampling` as in colorize_batch.
+    callback(i, n, x_t, x0) sees each step."""
+    return colorize_batch(model, [img], num_samples=num_samples, seed=seed, callback=callback, amp=amp,
+                          batch_size=num_samples, hints=None if hints is None else [hints], unet=unet,
+                          **sampling)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a fast CPU runtime
+
+class _UNetCall(nn.Module):
+    """model.unet with the encoder's features as separate inputs: the form OpenVINO converts."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, t, *feats):
+        return self.unet(x, t, list(feats))
+
+
+class OpenVINOUNet:
+    """model.unet compiled by OpenVINO for this CPU, in bf16 where the CPU computes it natively: about twice
+    PyTorch's speed on 2 cores (benchmark.py). Called as model.unet is (model.denoiser's `unet`). The network
+    is converted once per checkpoint into CACHE (a few seconds, the first time only), and compiled once per
+    input shape; OpenVINO keeps the compiled blobs there too, so a later process starts in a fraction of
+    a second."""
+
+    def __init__(self, model, checkpoint):
+        import openvino as ov
+        st = os.stat(checkpoint)
+        key = f"{os.path.abspath(checkpoint)}:{st.st_size}:{st.st_mtime_ns}:{ov.__version__}"
+        folder = os.path.join(CACHE, hashlib.sha1(key.encode()).hexdigest()[:16])
+        xml = os.path.join(folder, "unet.xml")
+        if not os.path.exists(xml):
+            c = model.config
+            L = torch.zeros(1, 1, c.image_size, c.image_size)
+            x = torch.zeros(1, model.unet.init_conv.in_channels, c.image_size, c.image_size)
+            with torch.no_grad():
+                converted = ov.convert_model(_UNetCall(model.unet).float().eval(),
+                                             example_input=(x, torch.zeros(1, dtype=torch.long), *model.encoder(L)))
+            os.makedirs(CACHE, exist_ok=True)
+            tmp = tempfile.mkdtemp(dir=CACHE)  # written whole, then moved: a crash leaves no half model
+            ov.save_model(converted, os.path.join(tmp, "unet.xml"))
+            try:
+                os.replace(tmp, folder)
+            except OSError:  # another process got there first
+                shutil.rmtree(tmp, ignore_errors=True)
+        self.core = ov.Core()
+        self.core.set_property({"CACHE_DIR": folder})
+        self.network = self.core.read_model(xml)
+        self.config = {"INFERENCE_PRECISION_HINT": "bf16" if bf16_is_fast(torch.device("cpu")) else "f32"}
+        self.requests = {}
+
+    def __call__(self, x, t, feats):
+        inputs = [x.float(), t, *(f.float() for f in feats)]
+        shapes = tuple(tuple(i.shape) for i in inputs)
+        if shapes not in self.requests:  # static shapes run faster than dynamic ones
+            network = self.network.clone()
+            network.reshape({port: shape for port, shape in zip(network.inputs, shapes)})
+            self.requests[shapes] = self.core.compile_model(network, "CPU", self.config).create_infer_request()
+        request = self.requests[shapes]
+        request.infer([i.numpy() for i in inputs])
+        return torch.from_numpy(request.get_output_tensor(0).data.copy())
+
+
+def fast_unet(model, checkpoint, runtime="auto"):
+    """The UNet to sample with: OpenVINOUNet on a CPU ("auto" or "openvino"), None for the model's own
+    (PyTorch: the reference, and the GPU path). Without OpenVINO installed, "auto" says so in one line."""
+    if runtime == "torch" or next(model.parameters()).device.type != "cpu":
+        return None
+    try:
+        return OpenVINOUNet(model, checkpoint)
+    except ImportError:
+        if runtime == "openvino":
+            raise ValueError("--runtime openvino: OpenVINO is not installed (pip install openvino)") from None
+        print("note: OpenVINO is not installed: running on PyTorch, about half as fast", file=sys.stderr)
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -199,6 +311,42 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+def add_sampling_args(p):
+    """The sampler flags, for this command line and evaluate.py; each defaults to the checkpoint's setting."""
+    p.add_argument("--sampler", choices=list(SAMPLERS), help="ddim, dpm++2m (fewer steps), or ddpm: the full "
+                   "ancestral loop over every timestep (slow). Default: the checkpoint's")
+    p.add_argument("--ddpm", action="store_const", const="ddpm", dest="sampler", help="the same as --sampler ddpm")
+    p.add_argument("--steps", type=int, help="denoising steps (ddim, dpm++2m; default: the checkpoint's)")
+    p.add_argument("--eta", type=float, help="fresh noise per step: 0 deterministic, 1 DDPM-like, more re-noises "
+                   "more (ddim, dpm++2m; default: the checkpoint's)")
+    p.add_argument("--min-signal", type=float,
+                   help="start sampling at the noisiest step whose signal level is still this: lower gives "
+                   "bolder, less accurate colours (default: the checkpoint's)")
+    p.add_argument("--guidance", type=float,
+                   help="classifier-free guidance scale: above 1 bolder colours, 1 none (default: the checkpoint's)")
+    p.add_argument("--dynamic-threshold", action="store_true", help="Imagen's dynamic thresholding of x0")
+
+
+def check_sampling_args(p, args):
+    if args.sampler == "ddpm" and (args.steps is not None or args.eta is not None):
+        p.error("--ddpm (--sampler ddpm) runs every timestep with eta 1: leave out --steps and --eta")
+    if args.steps is not None and args.steps < 1:
+        p.error("--steps must be at least 1")
+    for name in ("eta", "guidance"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            p.error(f"--{name} must be >= 0")
+    if args.min_signal is not None:
+        ok, message = min_signal_check(args.min_signal, "--min-signal")
+        if not ok:
+            p.error(message)
+
+
+def sampling_kwargs(args):
+    """model.sample's settings from the flags of add_sampling_args (None: the checkpoint's)."""
+    return dict(sampler=args.sampler, steps=args.steps, eta=args.eta, min_signal=args.min_signal,
+                guidance=args.guidance, dynamic_thresholding=args.dynamic_threshold)
+
+
 def parse_args(argv=None):
     p = _Parser(description="Colorize greyscale photos (a file or every image in a folder) with Color Diffusion.")
     p.add_argument("--image-path", required=True, help="an image, or a folder of images")
@@ -207,20 +355,15 @@ def parse_args(argv=None):
                    "or folder. Default: ./<name>_color.<ext> for a file, <folder>_color/ for a folder")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (inputs never are)")
     p.add_argument("--skip-existing", action="store_true", help="leave images whose outputs exist alone")
-    p.add_argument("--steps", type=int, help=f"DDIM steps (default {DEFAULT_STEPS})")
-    p.add_argument("--ddpm", action="store_true", help="the full DDPM loop over all T timesteps (slow)")
-    p.add_argument("--eta", type=float,
-                   help=f"DDIM eta: 0 deterministic, 1 DDPM-like noise, more re-noises more (default {DEFAULT_ETA})")
-    p.add_argument("--min-signal", type=float,
-                   help="start sampling at the noisiest step whose signal level is still this: lower gives "
-                   "bolder, less accurate colours (default: the checkpoint's sample_min_signal)")
-    p.add_argument("--guidance", type=float,
-                   help="classifier-free guidance scale: above 1 bolder colours, 1 none (default: the checkpoint's)")
+    add_sampling_args(p)
     p.add_argument("--num-samples", type=int, default=1,
                    help="colorizations per image, written as <name>_0, <name>_1, ...")
     p.add_argument("--seed", type=int, help="random seed: the same command gives the same output bit for bit")
-    p.add_argument("--dynamic-threshold", action="store_true", help="Imagen's dynamic thresholding of x0")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--hints", metavar="PNG", help="colour hints: an RGBA image (any size, scaled to the photo's) "
+                   "whose opaque pixels give their colour; for a model trained with hints")
+    p.add_argument("--runtime", choices=("auto", "openvino", "torch"), default="auto",
+                   help="auto: OpenVINO on a CPU (converted once per checkpoint, cached), PyTorch on a GPU")
     p.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
                    help="bf16 autocast; auto: on where bf16 is fast (CUDA, CPUs with AVX512-BF16/AMX)")
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, one per core)")
@@ -229,20 +372,10 @@ def parse_args(argv=None):
     p.add_argument("--gif-show", choices=("xt", "x0"), default="xt",
                    help="GIF frames show the noisy x_t or the model's current x0 prediction")
     args = p.parse_args(argv)
-    if args.ddpm and args.steps is not None:
-        p.error("--ddpm runs all T timesteps: leave out --steps")
-    if args.ddpm and args.eta is not None:
-        p.error("--ddpm is the eta=1 ancestral loop: leave out --eta")
-    for name in ("steps", "num_samples", "batch_size", "threads"):
+    check_sampling_args(p, args)
+    for name in ("num_samples", "batch_size", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("eta", "guidance"):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            p.error(f"--{name} must be >= 0")
-    if args.min_signal is not None:
-        ok, message = min_signal_check(args.min_signal, "--min-signal")
-        if not ok:
-            p.error(message)
     if args.skip_existing and args.overwrite:
         p.error("--skip-existing and --overwrite contradict each other")
     return args
@@ -300,7 +433,6 @@ def _make_dir(folder):
 
 
 def _is_colour(img):
-    from dataset import is_greyscale  # lazily: it pulls in scikit-image
     if img.mode in ("1", "L", "LA", "La", "F") or img.mode.startswith("I"):
         return False
     if max(img.size) > 1024:  # a subsample is plenty to tell colour from greyscale
@@ -316,21 +448,12 @@ def _load(args, device):
             raise CheckpointError(f"no model at {where}: train one with train.py, or pass --checkpoint PATH "
                                   "(e.g. runs/celeba64/ckpt.pt)")
         raise CheckpointError(f"{args.checkpoint}: no such checkpoint")
-    try:
-        model = load_model(args.checkpoint, device)
-    except CheckpointError:
-        raise
-    except Exception as e:  # keys or shapes that do not match the checkpoint's own config
-        raise CheckpointError(f"{args.checkpoint}: weights do not fit the model ({type(e).__name__})") from None
-    return model
+    return load_model(args.checkpoint, device)
 
 
 def _sampler_kwargs(args):
-    return dict(steps=None if args.ddpm else (args.steps or DEFAULT_STEPS),
-                eta=DEFAULT_ETA if args.eta is None else args.eta,
-                num_samples=args.num_samples, seed=args.seed, dynamic_thresholding=args.dynamic_threshold,
-                min_signal=args.min_signal, guidance=args.guidance,
-                amp=None if args.amp == "auto" else args.amp == "on")
+    return dict(num_samples=args.num_samples, seed=args.seed, amp=None if args.amp == "auto" else args.amp == "on",
+                **sampling_kwargs(args))
 
 
 def _save_params(fmt, source: Image.Image):
@@ -346,7 +469,6 @@ def _save_params(fmt, source: Image.Image):
 def run_file(args, device):
     src = args.image_path
     stem, ext = os.path.splitext(os.path.basename(src))
-    from dataset import IMAGE_EXTENSIONS  # here, not at the top: dataset pulls in scikit-image
     default_name = f"{stem}_color{ext if ext.lower() in IMAGE_EXTENSIONS else '.png'}"
     out = args.output or default_name
     if os.path.isdir(out) or out.endswith(os.sep) or (os.altsep and out.endswith(os.altsep)):
@@ -364,6 +486,7 @@ def run_file(args, device):
         _make_dir(folder)
 
     img = load_image(src)
+    hints = load_hints(args.hints, img.size) if args.hints else None
     try:
         colour = _is_colour(img)
     except ValueError as e:  # a mode PIL cannot convert to RGB, e.g. a LAB TIFF
@@ -371,7 +494,10 @@ def run_file(args, device):
     if colour:
         print(f"note: {src} is a colour photo: it is colorized from its greyscale version", file=sys.stderr)
     model = _load(args, device)
+    if hints is not None and not model.config.hints:
+        raise UsageError(f"{args.checkpoint}: this model was not trained with colour hints")
     kwargs = _sampler_kwargs(args)
+    unet = fast_unet(model, args.checkpoint, args.runtime)
     recorder = GifRecorder(model, model_input(model, img), args.gif_show) if args.save_gif else None
     bar = tqdm(unit="step", leave=False, file=sys.stderr, disable=None)  # shown on a terminal only
 
@@ -381,7 +507,7 @@ def run_file(args, device):
         if recorder:
             recorder(i, n, x_t, x0)
     t0 = time.time()
-    results = colorize(model, img, callback=callback, **kwargs)
+    results = colorize(model, img, callback=callback, hints=hints, unet=unet, **kwargs)
     seconds = time.time() - t0
     bar.close()
     if results[0].mode == "RGBA" and fmt == "JPEG":
@@ -397,16 +523,14 @@ def run_file(args, device):
 
 
 def run_folder(args, device):
-    from dataset import IMAGE_EXTENSIONS  # here, not at the top: dataset pulls in scikit-image
     src = os.path.normpath(args.image_path)
-    if args.save_gif:
-        raise UsageError("--save-gif works with a single image, not a folder")
+    if args.save_gif or args.hints:
+        raise UsageError(f"{'--save-gif' if args.save_gif else '--hints'} works with a single image, not a folder")
     out_dir = args.output or os.path.relpath(os.path.abspath(src) + "_color")  # "." -> ../<name>_color
     if os.path.exists(out_dir) and _same_file(out_dir, src):
         raise UsageError(f"{out_dir}: is the input folder; choose another --output")
     try:
-        names = sorted(n for n in os.listdir(src) if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS
-                       and os.path.isfile(os.path.join(src, n)))
+        names = list_images(src)
     except OSError as e:
         raise UsageError(f"{src}: cannot list the folder ({e.strerror or e})") from None
     if not names:
@@ -427,6 +551,7 @@ def run_folder(args, device):
     _make_dir(out_dir)
     model = _load(args, device)
     kwargs = _sampler_kwargs(args)
+    unet = fast_unet(model, args.checkpoint, args.runtime)
     per_batch = max(1, args.batch_size // args.num_samples)
 
     failed, colour, done = [], 0, 0
@@ -438,7 +563,7 @@ def run_folder(args, device):
         batch = pending.pop(key)
         try:
             results = colorize_batch(model, [img for _, _, img in batch], batch_size=per_batch * args.num_samples,
-                                     **kwargs)
+                                     unet=unet, **kwargs)
         except Exception as e:  # e.g. out of memory: report these files, go on with the rest
             failed.extend(f"{i}: {type(e).__name__}: {e}".splitlines()[0] for i, _, _ in batch)
             bar.update(len(batch))

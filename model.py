@@ -35,6 +35,7 @@ class Config:
     dim_mults: tuple = (1, 2, 4, 8)
     dropout: float = 0.0
     attention: bool = True
+    hints: bool = False           # colour hints as 3 more UNet inputs (ab, mask), trained with simulated clicks
     timesteps: int = 350
     schedule: str = "cosine"      # "cosine" or "linear" (the original's)
     ab_scale: float = 4.0         # ab_n is multiplied by this before noising
@@ -43,6 +44,11 @@ class Config:
     snr_floor_cap: float = 20.0   # at most this weight: 20 keeps the floor's x0 weight down to signal ~0.05
     cond_drop: float = 0.15       # fraction of training images shown without their greyscale (L = 0), so the
                                   # same network also learns the unconditional colours that guidance needs
+    # sampling: how this checkpoint samples best, chosen by evaluation (train.py --export sets them); every
+    # front end uses these unless told otherwise. Checkpoints older than a field sample as they always did.
+    sampler: str = "ddim"         # "ddim", "dpm++2m" (eta > 0: its SDE variant) or "ddpm" (every timestep)
+    sample_steps: int = 100       # denoiser evaluations (ddim, dpm++2m), pairs of them when guided
+    sample_eta: float = 1.0       # fresh noise per step: 0 deterministic, 1 DDPM-like
     sample_min_signal: float = 0.04  # sampling starts at the noisiest t whose sqrt(alphas_cumprod) >= this
     guidance: float = 1.0         # classifier-free guidance scale for sampling; 1 = none (needs cond_drop > 0)
     ab_mean: tuple = (0.0, 0.0)   # mean ab_n of the training images (train.py measures it): sampling starts there
@@ -85,6 +91,8 @@ class Config:
             (self.min_snr_gamma >= 0 and self.snr_floor >= 0 and self.snr_floor_cap >= 1,
              "min_snr_gamma and snr_floor must be >= 0, snr_floor_cap >= 1"),
             min_signal_check(self.sample_min_signal, "sample_min_signal"),
+            (self.sampler in SAMPLERS, f"sampler must be one of {', '.join(SAMPLERS)}, not {self.sampler!r}"),
+            (self.sample_steps >= 1 and self.sample_eta >= 0, "sample_steps must be >= 1 and sample_eta >= 0"),
             (0 <= self.val_percent < 100, "val_percent must be in [0, 100)"),
             (self.batch_size >= 1 and self.lr > 0 and self.grad_clip > 0,
              "batch_size, lr and grad_clip must be positive"),
@@ -178,20 +186,78 @@ def ddim_sample(denoise, x, alphas_cumprod, steps, eta=0.0, generator=None, thre
     return x
 
 
-def ddpm_sample(denoise, x, alphas_cumprod, **kwargs):
-    """The ancestral DDPM loop over every timestep of the schedule. DDIM over every timestep with eta=1 is
-    exactly DDPM's posterior q(x_{t-1} | x_t, x0) with variance beta-tilde, so one loop serves both."""
+def ddpm_sample(denoise, x, alphas_cumprod, steps=None, eta=None, **kwargs):
+    """The ancestral DDPM loop over every timestep of the schedule (steps and eta do not apply). DDIM over every
+    timestep with eta=1 is exactly DDPM's posterior q(x_{t-1} | x_t, x0) with variance beta-tilde."""
     return ddim_sample(denoise, x, alphas_cumprod, steps=len(alphas_cumprod), eta=1.0, **kwargs)
 
 
+def dpmpp_2m_sample(denoise, x, alphas_cumprod, steps, eta=0.0, generator=None, threshold=None, callback=None):
+    """DPM-Solver++(2M) (Lu et al. 2022): the second-order multistep solver of the probability-flow ODE in
+    log-SNR, on the x0 prediction; with eta > 0 its SDE variant (k-diffusion's sample_dpmpp_2m_sde, midpoint),
+    eta = 1 the reverse SDE. Written for x = x_t of the variance-preserving process, alpha = sqrt(a_t),
+    sigma = sqrt(1 - a_t); h is the step in lambda = log(alpha / sigma)."""
+    T = len(alphas_cumprod)
+    ts = torch.linspace(T - 1, 0, min(steps, T)).round().long().tolist()
+    old_x0, h_last = None, None
+    for i, t in enumerate(ts):
+        a_t = alphas_cumprod[t].item()
+        a_next = alphas_cumprod[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
+        eps = denoise(x, t).float()
+        x0 = predict_x0(x, eps, a_t)
+        if threshold is not None:
+            x0 = threshold(x0)
+        if a_next >= 1.0:  # the last step lands on the clean sample
+            x = x0
+        else:
+            lam, lam_next = (0.5 * math.log(a / (1 - a)) for a in (a_t, a_next))
+            h = lam_next - lam
+            eta_h = eta * h
+            # second order from the previous x0, but first order into the last timestep: its step in lambda
+            # dwarfs the one before, and the extrapolation would overshoot (measured, 10 steps: 6x the error)
+            second = old_x0 is not None and i < len(ts) - 2
+            d = x0 + (x0 - old_x0) * h / (2 * h_last) if second else x0
+            x = (math.sqrt((1 - a_next) / (1 - a_t)) * math.exp(-eta_h) * x
+                 - math.sqrt(a_next) * math.expm1(-h - eta_h) * d)
+            if eta > 0:
+                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                x = x + math.sqrt(1 - a_next) * math.sqrt(-math.expm1(-2 * eta_h)) * noise
+            old_x0, h_last = x0, h
+        if callback is not None:
+            callback(i, len(ts), x, x0)
+    return x
+
+
+SAMPLERS = {"ddim": ddim_sample, "dpm++2m": dpmpp_2m_sample, "ddpm": ddpm_sample}
+
+
 # ---------------------------------------------------------------------------------------------------------
+
+def random_hints(ab, p_none=0.5, mean_points=10, max_size=3):
+    """Simulated colour hints (Zhang et al. 2017) for normalized ab (N, 2, H, W) -> (N, 3, H, W): the hinted ab
+    and a mask. Half the images get none (the model must still colour alone); the others a geometric number of
+    points, each a square of 1 to max_size pixels showing the true mean colour of that square."""
+    N, _, H, W = ab.shape
+    hints = torch.zeros(N, 3, H, W, device=ab.device)
+    counts = torch.distributions.Geometric(probs=torch.tensor(1 / mean_points)).sample((N,)).long() + 1
+    counts = counts * (torch.rand(N) >= p_none)
+    for n, count in enumerate(counts.tolist()):
+        sizes = torch.randint(1, max_size + 1, (count,)).tolist()
+        ys, xs = (torch.rand(count) * H).long().tolist(), (torch.rand(count) * W).long().tolist()
+        for size, y, x in zip(sizes, ys, xs):
+            y, x = min(y, H - size), min(x, W - size)
+            patch = (slice(y, y + size), slice(x, x + size))
+            hints[n, :2][(slice(None), *patch)] = ab[n][(slice(None), *patch)].mean(dim=(1, 2), keepdim=True)
+            hints[n, 2][patch] = 1
+    return hints
+
 
 class ColorDiffusion(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
         args = dict(dim=config.dim, dim_mults=config.dim_mults, dropout=config.dropout, attention=config.attention)
-        self.unet = UNet(**args)
+        self.unet = UNet(**args, in_channels=6 if config.hints else 3)
         self.encoder = GreyscaleEncoder(**args)
         self.register_buffer("alphas_cumprod", SCHEDULES[config.schedule](config.timesteps), persistent=False)
 
@@ -206,7 +272,10 @@ class ColorDiffusion(nn.Module):
         if noise is None:
             noise = torch.randn(ab.shape, device=lab.device)
         x_t = q_sample(ab, t, noise, self.alphas_cumprod)
-        pred = self.unet(torch.cat([L, x_t], dim=1), t, self.encoder(L))
+        inputs = [L, x_t]
+        if self.config.hints:  # hints only in training: the validation loss is that of colouring alone
+            inputs.append(random_hints(lab[:, 1:]) if self.training else torch.zeros_like(lab))
+        pred = self.unet(torch.cat(inputs, dim=1), t, self.encoder(L))
         loss = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))
         a = self.alphas_cumprod[t].float()
         snr = a / (1 - a)
@@ -225,22 +294,30 @@ class ColorDiffusion(nn.Module):
 
     loss = forward
 
-    def denoiser(self, L, guidance=1.0):
+    def denoiser(self, L, guidance=1.0, hints=None, unet=None):
         """eps = denoise(x_t, t) for fixed greyscale L: the encoder runs here once, not at every step.
         guidance w != 1 is classifier-free guidance (Ho & Salimans 2022): eps_uncond + w (eps - eps_uncond),
-        the unconditional eps from cond_drop's null condition L = 0, both in one batch."""
+        the unconditional eps from cond_drop's null condition L = 0, both in one batch. `hints` (N, 3, H, W):
+        hinted ab and mask, for a model trained with them. `unet` runs instead of self.unet (another runtime)."""
         ok, message = guidance_check(guidance, self.config.cond_drop)
         if not ok:
             raise ValueError(message)
+        if hints is not None and not self.config.hints:
+            raise ValueError("this checkpoint was not trained with colour hints")
+        unet = self.unet if unet is None else unet
         guided = guidance != 1
         if guided:
             L = torch.cat([L, torch.zeros_like(L)])
         feats = self.encoder(L)
+        extra = []
+        if self.config.hints:  # both halves of a guided batch see the hints: guidance is over the greyscale
+            extra = [torch.zeros(L.shape[0], 3, *L.shape[2:], device=L.device, dtype=L.dtype) if hints is None
+                     else (torch.cat([hints, hints]) if guided else hints).to(L.dtype)]
 
         def denoise(x, t):
             x = torch.cat([x, x]) if guided else x
             t = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            eps = self.unet(torch.cat([L, x.to(L.dtype)], dim=1), t, feats)
+            eps = unet(torch.cat([L, x.to(L.dtype), *extra], dim=1), t, feats)
             if guided:
                 cond, uncond = eps.float().chunk(2)
                 eps = uncond + guidance * (cond - uncond)
@@ -258,15 +335,16 @@ class ColorDiffusion(nn.Module):
         return self.alphas_cumprod[: max(1, int((self.alphas_cumprod.sqrt() >= min_signal).sum()))]
 
     @torch.no_grad()
-    def sample(self, L, steps=None, eta=0.0, dynamic_thresholding=False, min_signal=None, guidance=None,
-               generator=None, callback=None):
-        """L: (N, 1, H, W) in [-1, 1] -> ab_n (N, 2, H, W). steps=None runs the full DDPM loop (every
-        timestep from the start, see below: `min_signal`, by default the config's, sets where); otherwise
-        DDIM with `steps` steps and `eta`. x0 is clipped to the data range at every step, or dynamically
-        thresholded. `guidance`: see `denoiser`, by default the config's. `callback(i, n, x_t, x0)` sees
-        model-space tensors."""
-        s = self.config.ab_scale
-        denoise = self.denoiser(L, self.config.guidance if guidance is None else guidance)
+    def sample(self, L, sampler=None, steps=None, eta=None, dynamic_thresholding=False, min_signal=None,
+               guidance=None, hints=None, generator=None, callback=None, unet=None):
+        """L: (N, 1, H, W) in [-1, 1] -> ab_n (N, 2, H, W). `sampler` (see SAMPLERS), `steps`, `eta`, `min_signal`
+        (where sampling starts, see sampling_schedule) and `guidance` default to the config's; `hints` and
+        `unet`: see `denoiser`. x0 is clipped to the data range at every step, or dynamically thresholded.
+        `callback(i, n, x_t, x0)` sees model-space tensors."""
+        c, s = self.config, self.config.ab_scale
+        sampler = SAMPLERS[c.sampler if sampler is None else sampler]
+        steps, eta = c.sample_steps if steps is None else steps, c.sample_eta if eta is None else eta
+        denoise = self.denoiser(L, c.guidance if guidance is None else guidance, hints, unet)
         ac = self.sampling_schedule(min_signal)
         # x_t at the start: sqrt(a) x0 + sqrt(1 - a) noise, with x0 taken as the data's mean colour. The mean
         # colour of x_t is measurable from thousands of pixels, so zero-mean noise would tell the model the
@@ -278,11 +356,7 @@ class ColorDiffusion(nn.Module):
         # x0 is also kept in the data range (|ab_n| <= 1), or dynamically thresholded
         def threshold(x0):
             return dynamic_threshold(x0, bound=s) if dynamic_thresholding else x0.clamp(-s, s)
-        kwargs = dict(generator=generator, callback=callback, threshold=threshold)
-        if steps is None:
-            x = ddpm_sample(denoise, x, ac, **kwargs)
-        else:
-            x = ddim_sample(denoise, x, ac, steps, eta=eta, **kwargs)
+        x = sampler(denoise, x, ac, steps, eta=eta, generator=generator, callback=callback, threshold=threshold)
         return x / s
 
 
@@ -328,7 +402,10 @@ def load_model(path, device="cpu", use_ema=True):
         raise CheckpointError(f"{path}: {e}") from None
     model = ColorDiffusion(config)
     weights = ckpt["ema"] if use_ema and "ema" in ckpt else ckpt.get("model", ckpt.get("ema"))
-    model.load_state_dict({k: v.float() for k, v in weights.items()})
+    try:
+        model.load_state_dict({k: v.float() for k, v in weights.items()})
+    except (RuntimeError, AttributeError, TypeError) as e:  # keys or shapes that do not match its own config
+        raise CheckpointError(f"{path}: weights do not fit the model ({type(e).__name__})") from None
     return model.to(device, memory_format=torch.channels_last).eval()
 
 

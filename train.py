@@ -19,15 +19,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from dataset import load_split, make_loader
+from dataset import batch_shape, load_split, make_loader, mean_ab
 from model import (CheckpointError, ColorDiffusion, Config, ema_update, export_inference_checkpoint, load_checkpoint,
                    save_checkpoint)
 from utils import bf16_is_fast, lab_to_rgb, pick_device, tensor_to_pil
 
-MODEL_FIELDS = ("image_size", "dim", "dim_mults", "dropout", "attention", "timesteps", "schedule", "ab_scale")
+MODEL_FIELDS = ("image_size", "dim", "dim_mults", "dropout", "attention", "hints", "timesteps", "schedule", "ab_scale")
 HELP = {
     "image_size": "training resolution (square crops)", "dim": "UNet base width",
     "dim_mults": "width multiplier per UNet level", "attention": "linear attention per level + full in the middle",
+    "hints": "colour hints as UNet inputs, trained with simulated clicks (with --init: added to a model without)",
     "timesteps": "diffusion steps T", "schedule": "noise schedule: cosine or linear (the original's)",
     "ab_scale": "ab/110 is multiplied by this before noising", "min_snr_gamma": "Min-SNR loss weighting; 0 = off",
     "snr_floor": "up-weight the noise loss of steps with SNR below this (x0 weight at least this); 0 = off",
@@ -57,11 +58,23 @@ def parse_args(argv=None):
                        help=f"{HELP.get(f.name, '')} (default: "
                             f"{','.join(map(str, default)) if isinstance(default, tuple) else default})".lstrip())
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
+    p.add_argument("--init", metavar="PATH", help="start a new run from the weights of this checkpoint (training "
+                   "or shipped, e.g. checkpoints/celeba64.pt): fine-tuning. Its model fields and ab_mean are kept")
     p.add_argument("--export", metavar="PATH", help="write <out-dir>/ckpt.pt's EMA weights (fp16) and config to "
                    "PATH for inference, e.g. checkpoints/celeba64.pt, and exit (with --sample-min-signal or "
                    "--guidance: those sampling defaults instead of the run's)")
     args = vars(p.parse_args(argv))
-    return args.pop("resume"), args.pop("export"), args
+    return args.pop("resume"), args.pop("init"), args.pop("export"), args
+
+
+def add_inputs(weights, model):
+    """Weights of a model into one with more input channels (colour hints): the new channels' weights start at
+    zero, so the model starts out computing exactly what it did."""
+    own = model.state_dict()
+    for k, v in weights.items():
+        if v.dim() == 4 and own[k].shape[1] > v.shape[1] and own[k].shape[0] == v.shape[0]:
+            weights[k] = torch.cat([v, v.new_zeros(v.shape[0], own[k].shape[1] - v.shape[1], *v.shape[2:])], 1)
+    return weights
 
 
 def lr_at(step, c: Config):
@@ -75,9 +88,11 @@ def lr_at(step, c: Config):
 @torch.no_grad()
 def evaluate(ema, val, device, amp, n_loss=256, n_samples=8, steps=50):
     """Validation loss with fixed timesteps and noise (comparable across evaluations), and a sample grid:
-    rows of greyscale | sample | ground truth."""
+    rows of greyscale | sample | ground truth. Portrait crops of the validation photos' centres, as whole
+    CelebA photos are run."""
     g = torch.Generator(device).manual_seed(1234)
-    batch = torch.stack([val[i] for i in range(min(n_loss, len(val)))]).to(device)
+    h, w = batch_shape(ema.config.image_size, 1.25)
+    batch = torch.stack([val[(i, h, w)] for i in range(min(n_loss, len(val)))]).to(device)
     losses = []
     with amp:
         for chunk in batch.split(64):
@@ -93,7 +108,7 @@ def evaluate(ema, val, device, amp, n_loss=256, n_samples=8, steps=50):
 
 
 def main(argv=None):
-    resume, export, given = parse_args(argv)
+    resume, init, export, given = parse_args(argv)
     distributed = "RANK" in os.environ
     rank, world, local_rank = 0, 1, 0
     if distributed:
@@ -107,6 +122,8 @@ def main(argv=None):
         print(f"exported the EMA weights of {ckpt_path} to {export} ({os.path.getsize(export) / 2**20:.1f} MB)")
         return
     ckpt = None
+    if resume and init:
+        raise ValueError("--init starts a new run and --resume continues one: pass one of them")
     if resume:
         ckpt = load_checkpoint(ckpt_path)
         changed = [k for k in MODEL_FIELDS if k in given and given[k] != Config.from_dict(ckpt["config"]).__dict__[k]]
@@ -114,6 +131,15 @@ def main(argv=None):
             raise ValueError(f"cannot change the model's {', '.join(changed)} when resuming")
         config = Config.from_dict({**ckpt["config"], **given})
     else:
+        if init:  # the model (its fields, weights and the mean colour sampling starts from) comes from there
+            init_ckpt = load_checkpoint(init)
+            kept = {k: v for k, v in init_ckpt["config"].items() if k in MODEL_FIELDS + ("ab_mean",)}
+            changed = [k for k in MODEL_FIELDS if k in given and given[k] != Config.from_dict(kept).__dict__[k]
+                       and k != "hints"]  # hint inputs can be added: they start at zero (add_inputs)
+            kept["hints"] = given.get("hints", kept.get("hints", False))
+            if changed:
+                raise ValueError(f"cannot change the model's {', '.join(changed)} when fine-tuning (--init)")
+            given = {**given, **kept}
         config = Config.from_dict(given)
         if os.path.exists(ckpt_path):
             raise ValueError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out-dir")
@@ -137,9 +163,8 @@ def main(argv=None):
         dist.barrier()
     if rank != 0:
         train_ds, val_ds = load_split(config.data, config.image_size, config.val_percent, config.cache_dir, config.seed)
-    if ckpt is None:  # the colour sampling starts from (see ColorDiffusion.sample); a checkpoint keeps its own
-        mean = train_ds.lab[:, 1:].mean(dim=(0, 2, 3), dtype=torch.float32)
-        config.ab_mean = tuple(round(v, 5) for v in mean.tolist())
+    if ckpt is None and not init:  # the colour sampling starts from (ColorDiffusion.sample); checkpoints keep theirs
+        config.ab_mean = tuple(round(v, 5) for v in mean_ab(train_ds.images).tolist())
     local_batch = config.batch_size // world
     steps_per_epoch = len(train_ds) // world // local_batch
     if steps_per_epoch == 0:
@@ -150,6 +175,10 @@ def main(argv=None):
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay)
     step = 0
+    if init:
+        weights = add_inputs({k: v.float() for k, v in init_ckpt.get("ema", init_ckpt.get("model")).items()}, model)
+        model.load_state_dict(weights)
+        ema.load_state_dict(weights)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
@@ -177,7 +206,8 @@ def main(argv=None):
     try:
         while step < config.max_steps:
             epoch, skip = divmod(step, steps_per_epoch)
-            for batch in make_loader(train_ds, local_batch, epoch, skip, rank, world, config.seed, config.num_workers):
+            for batch in make_loader(train_ds, local_batch, config.image_size, epoch, skip, rank, world,
+                                     config.seed, config.num_workers):
                 # seed from (step, rank): timesteps, noise and dropout are a function of where we are,
                 # so a resumed run draws exactly what the uninterrupted one would have
                 torch.manual_seed(config.seed * 1_000_003 + step * 1009 + rank)

@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 AB_NORM = 110.0
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 
 # sRGB D65 matrices and white point, the same constants scikit-image uses, so both agree to float error.
 _RGB2XYZ = torch.tensor([[0.412453, 0.357580, 0.180423],
@@ -113,6 +114,24 @@ def load_image(path) -> Image.Image:
         raise ImageError(f"{path}: not an image file") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{path}: cannot be decoded ({e})") from None
+
+
+def is_greyscale(img: Image.Image, tolerance: int = 3) -> bool:
+    """True if a photo has no colour: a greyscale mode, or RGB whose channels never differ by more than
+    `tolerance` levels (greyscale JPEGs saved as RGB carry a little chroma noise)."""
+    if img.mode in ("1", "L", "LA", "La", "I", "I;16", "F") or img.mode.startswith("I;16"):
+        return True
+    rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+    spread = rgb.max(axis=2) - rgb.min(axis=2)
+    return bool(np.percentile(spread, 99) <= tolerance)
+
+
+def list_images(folder):
+    """The image files of a folder (by extension), sorted by name."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: no such folder")
+    return sorted(f for f in os.listdir(folder) if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+                  and os.path.isfile(os.path.join(folder, f)))
 
 
 def save_image(img: Image.Image, path, **params) -> None:

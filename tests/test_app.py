@@ -4,7 +4,7 @@ A random model paints random colours, so the checks are about the plumbing: a re
 at the input's exact size; bad files give a clear message in the page and the server keeps serving; two
 users at once both get their results; a bad checkpoint is a one-line error. The browser tests need
 Debian's /usr/bin/chromium (skipped without it); Playwright drives it, no browser download.
-Re-take the README screenshot with: python visualization/screenshot_app.py
+Re-take the README screenshot with: python tests/browser.py
 """
 import base64
 import io
@@ -17,11 +17,10 @@ import pytest
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from model import ColorDiffusion, Config, save_checkpoint  # noqa: E402
-from visualization.screenshot_app import (CHROMIUM, colorize_and_wait, launch_chromium, open_app,  # noqa: E402
-                                          running_app, sample_urls, set_samples, wait_for_new_samples)
+from browser import (CHROMIUM, add_hint, colorize_and_wait, launch_chromium, open_app, running_app,  # noqa: E402
+                     sample_urls, set_samples, wait_for_new_samples)
 
 W, H = 120, 90  # not square: the result must keep the input's exact size
 
@@ -30,7 +29,8 @@ W, H = 120, 90  # not square: the result must keep the input's exact size
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("app")
     # trained for guidance, and guided by default: the UI's default path is the guided sampler
-    model = ColorDiffusion(Config(dim=8, dim_mults=(1, 2), image_size=16, timesteps=20, cond_drop=0.1, guidance=1.5))
+    model = ColorDiffusion(Config(dim=8, dim_mults=(1, 2), image_size=16, timesteps=20, cond_drop=0.1, guidance=1.5,
+                                  hints=True))
     save_checkpoint(d / "tiny.pt", {"config": model.config.to_dict(), "model": model.state_dict()})
     y, x = np.mgrid[0:H, 0:W]
     grey = (x * 2 + y) * 255 // (2 * W + H)
@@ -168,3 +168,24 @@ def test_bad_checkpoint_is_a_one_line_error(files, checkpoint):
                        env=dict(os.environ, GRADIO_ANALYTICS_ENABLED="False"))
     assert r.returncode != 0
     assert r.stderr.strip().startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_clicked_hint_colours_its_spot_and_clear_removes_it(page, files):
+    drop_file(page, files / "grey.png")
+    add_hint(page, 0.3, 0.5)
+    view = np.asarray(fetch_image(page, page.locator("#hint-view img").first.get_attribute("src")).convert("RGB"))
+    zoom = view.shape[1] / W  # the view enlarges small photos (see app.show_hints)
+    assert view.shape[0] == round(H * zoom)
+    blue = np.argwhere((view[..., 2].astype(int) - view[..., 0]) > 80)  # the default hint colour, #3060c0
+    assert len(blue), "the hint shows as a dot on the photo"
+    y, x = (blue.mean(axis=0) / zoom).round().astype(int)
+    assert abs(x - 0.3 * W) < 0.1 * W and abs(y - 0.5 * H) < 0.1 * H
+    result = np.asarray(fetch_image(page, colorize_and_wait(page)[0]).convert("RGB")).astype(int)
+    r, g, b = result[y, x]
+    assert b - r > 40 and b > g, result[y, x]  # blue at the hinted spot, at the photo's lightness
+    before = page.locator("#hint-view img").first.get_attribute("src")
+    page.get_by_role("button", name="Clear hints").click()
+    page.wait_for_function("old => document.querySelector('#hint-view img').getAttribute('src') !== old",
+                           arg=before, timeout=30_000)
+    view = np.asarray(fetch_image(page, page.locator("#hint-view img").first.get_attribute("src")).convert("RGB"))
+    assert not ((view[..., 2].astype(int) - view[..., 0]) > 80).any(), "the hint is gone"

@@ -1,94 +1,68 @@
-"""evaluate.py: the metrics mean what they say, and a run writes its table and grid."""
+"""evaluate.py: the metrics mean what they say, the views re-frame, and a run writes its table and grid."""
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import evaluate
-from model import ColorDiffusion, save_checkpoint
+from model import ColorDiffusion, Config, save_checkpoint
 
 
 def test_metrics_on_known_images():
     rng = np.random.default_rng(0)
     colour = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    grey = evaluate.greyscale(colour)
-    assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
-    assert evaluate.colourfulness(grey) == 0
-    assert evaluate.colourfulness(colour) > 50  # random RGB noise is very colourful
-    # its parts: a flat red picture has chroma but no spread; red and cyan halves average to grey
+    grey = np.asarray(Image.fromarray(colour).convert("L").convert("RGB"))
+    assert evaluate.colourfulness(grey) == 0 and evaluate.colourfulness(colour) > 50
     red = np.zeros((8, 8, 3), np.uint8)
     red[..., 0] = 200
-    assert evaluate.colourfulness_parts(red) == pytest.approx((0, np.hypot(200, 100)))
-    halves = red.copy()
-    halves[4:] = [0, 200, 200]
-    spread, chroma = evaluate.colourfulness_parts(halves)
-    assert spread == pytest.approx(np.hypot(200, 100)) and chroma == pytest.approx(0)
-    assert evaluate.colourfulness(halves) == pytest.approx(spread + 0.3 * chroma)
-    assert evaluate.psnr(colour, colour) > 90 and evaluate.psnr(colour, grey) < 30
-    assert evaluate.delta_e(colour, colour) == 0 and evaluate.delta_e(colour, grey) > 5
+    assert evaluate.colourfulness(red) == pytest.approx(0.3 * np.hypot(200, 100))  # no spread, all mean chroma
+    psnr, de, gross, cf = evaluate.scores(colour, colour)
+    assert de == 0 and gross == 0 and cf == evaluate.colourfulness(colour)
     # a uniform shift of 10 levels: MSE 100 -> PSNR = 10 log10(255^2 / 100)
-    shifted = np.clip(colour.astype(int) + 10, 0, 255).astype(np.uint8)
-    mask = colour < 246
-    assert evaluate.psnr(colour[mask], shifted[mask]) == pytest.approx(10 * np.log10(255 ** 2 / 100))
+    flat = np.full((8, 8, 3), 100, np.uint8)
+    assert evaluate.scores(flat + 10, flat)[0] == pytest.approx(10 * np.log10(255 ** 2 / 100))
+    # the colour alone: a lighter copy of the same colours has no colour error; another hue is a gross error
+    skin = np.full((8, 8, 3), (200, 150, 120), np.uint8)
+    assert evaluate.scores(np.full((8, 8, 3), (210, 160, 130), np.uint8), skin)[1] < 2
+    blue = np.full((8, 8, 3), (120, 150, 220), np.uint8)
+    assert evaluate.scores(blue, skin)[2] == 1.0
 
 
-def test_evaluate_writes_table_and_grid(tiny_config, photo_dir, tmp_path):
-    torch.manual_seed(0)
-    model = ColorDiffusion(tiny_config)
-    ckpt = tmp_path / "tiny.pt"
-    save_checkpoint(str(ckpt), {"config": tiny_config.to_dict(), "ema": model.state_dict()})
+def test_views_reframe_the_photo():
+    photo = Image.new("RGB", (178, 218), (200, 150, 120))
+    sizes = {name: evaluate.view(photo, name, 0).size for name in evaluate.VIEWS}
+    assert sizes["whole"] == (178, 218)
+    assert sizes["tight"][0] == sizes["tight"][1] < 178  # a square around the face
+    assert sizes["loose"][0] > 178 and sizes["loose"][1] > 218  # the photo small in a bigger frame
+    assert sizes["landscape"][0] > sizes["landscape"][1]
+    rotated = np.asarray(evaluate.view(photo, "rotated", 1))
+    assert (rotated == (200, 150, 120)).all(), "cropped inside the rotated picture: no empty corners"
+
+
+def test_evaluate_writes_table_and_grid_for_several_checkpoints(tiny_config, photo_dir, tmp_path):
+    paths = []
+    for name, guidance in (("a", 1.0), ("b", 1.5)):
+        config = Config(**{**tiny_config.to_dict(), "cond_drop": 0.1, "guidance": guidance})
+        torch.manual_seed(0)
+        save_checkpoint(str(tmp_path / f"{name}.pt"), {"config": config.to_dict(),
+                                                       "ema": ColorDiffusion(config).state_dict()})
+        paths += ["--checkpoint", str(tmp_path / f"{name}.pt")]
     out = tmp_path / "eval"
-    evaluate.main(["--checkpoint", str(ckpt), "--data", str(photo_dir), "--split", "all", "--num-images", "5",
-                   "--steps", "3", "--guidance", "1.5", "--out", str(out)])
+    evaluate.main(paths + ["--data", str(photo_dir), "--num-images", "3", "--steps", "2", "--views",
+                           "whole,tight", "--out", str(out)])
     table = (out / "eval.md").read_text()
-    assert "5 all images at 16x16" in table and "greyscale baseline" in table and "DDIM 3 steps" in table
-    assert "guidance 1.5" in table
-    assert "Colourfulness in its parts" in table
-    from PIL import Image
+    assert table.count("greyscale input") == 2  # once per view
+    assert "a.pt: sampler ddim, steps 2" in table and "guidance 1.5" in table
+    assert table.count("| whole |") == 3 and table.count("| tight |") == 3
     grid = Image.open(out / "grid.png")
-    assert grid.size == (5 * 16, 3 * 16)  # greyscale | ours | truth rows, one column per image
-    with pytest.raises(SystemExit) as e:
-        evaluate.main(["--checkpoint", str(ckpt), "--data", str(photo_dir), "--guidance", "-1"])
-    assert e.value.code == 2
+    assert grid.height > 2 * 2 * 3 * 90  # greyscale | ours | truth for each view and checkpoint
+    for bad in (["--views", "sideways"], ["--guidance", "-1"], ["--num-images", "0"]):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(paths + ["--data", str(photo_dir)] + bad)
+        assert e.value.code == 2
 
 
-def test_skip_evaluates_later_images(tiny_config, photo_dir, tmp_path):
-    """--skip K leaves out the first K images, so sampler settings can be tuned on images not reported."""
-    torch.manual_seed(0)
-    ckpt = tmp_path / "tiny.pt"
-    save_checkpoint(str(ckpt), {"config": tiny_config.to_dict(), "ema": ColorDiffusion(tiny_config).state_dict()})
-    from PIL import Image
-    truth_rows = []
-    for skip in (0, 2):
-        out = tmp_path / f"eval_{skip}"
-        evaluate.main(["--checkpoint", str(ckpt), "--data", str(photo_dir), "--split", "all", "--num-images", "4",
-                       "--skip", str(skip), "--steps", "2", "--out", str(out)])
-        truth_rows.append(np.asarray(Image.open(out / "grid.png"))[32:])  # the ground-truth row
-    # image k of the skipped run is image k + 2 of the first
-    assert np.array_equal(truth_rows[1][:, :32], truth_rows[0][:, 32:])
-    assert not np.array_equal(truth_rows[1], truth_rows[0])
-
-
-def test_x0_errors_of_an_oracle_and_of_the_mean(tiny_config, monkeypatch):
-    """A denoiser that knows the true noise implies the true colours at every level (error 0); the
-    mean-colour column is the plain MSE of the truth's ab against the config's ab_mean."""
-    from utils import rgb_to_lab
-    rng = np.random.default_rng(0)
-    truths = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(3)]
-    tiny_config.ab_mean = (0.05, -0.02)
-    model = ColorDiffusion(tiny_config).eval()
-    ab = rgb_to_lab(torch.tensor(np.stack(truths)).permute(0, 3, 1, 2).float() / 255.0)[:, 1:]
-    ac, s = model.alphas_cumprod, tiny_config.ab_scale
-
-    batches = iter(ab.split(2))  # the oracle is asked per batch of 2 images, in order
-
-    def oracle(L):
-        truth = next(batches)
-        return lambda x, t: (x - ac[t].sqrt().float() * truth * s) / (1 - ac[t]).sqrt().float()
-    untrained = evaluate.x0_errors(model, truths, batch_size=2)
-    monkeypatch.setattr(model, "denoiser", oracle)
-    rows = evaluate.x0_errors(model, truths, batch_size=2)  # 2 batches: the means are over all 3 images
-    expected_mean = (ab - torch.tensor([0.05, -0.02]).view(1, 2, 1, 1)).pow(2).mean().item()
-    assert [r[0] for r in rows] == [0.02, 0.05, 0.1, 0.2, 0.4]
-    for (_, err, mean_err), (_, err_untrained, _) in zip(rows, untrained):
-        assert err < 1e-6 < err_untrained
-        assert mean_err == pytest.approx(expected_mean, rel=1e-4)
+def test_offset_chooses_other_photos(photo_dir):
+    a, b = evaluate.load_photos(str(photo_dir), 4, 0), evaluate.load_photos(str(photo_dir), 4, 1)
+    assert len(a) == len(b) == 4
+    assert not any(np.array_equal(np.asarray(x), np.asarray(y)) for x in a for y in b)

@@ -14,8 +14,6 @@ import torch
 from PIL import Image, ImageOps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 import inference  # noqa: E402
 from model import ColorDiffusion, Config, load_model, save_checkpoint  # noqa: E402
@@ -276,12 +274,13 @@ def test_guidance_changes_the_colours_and_defaults_to_the_checkpoints(cli, tmp_p
     assert code == 2 and "--guidance" in err
 
 
-def test_eta_defaults_and_explicit_zero():
-    """--eta unset means DEFAULT_ETA; an explicit --eta 0 (deterministic DDIM) is kept, not taken as unset."""
+def test_sampling_flags_default_to_the_checkpoints_and_explicit_zero_is_kept():
+    """Unset sampling flags are None: the checkpoint's settings (Config.sampler, sample_steps, ...) apply; an
+    explicit --eta 0 (deterministic) is kept, not taken as unset; --ddpm is --sampler ddpm."""
     kwargs = lambda *a: inference._sampler_kwargs(inference.parse_args(["--image-path", "x.png", *a]))  # noqa: E731
-    assert kwargs()["eta"] == inference.DEFAULT_ETA
+    assert all(kwargs()[k] is None for k in ("sampler", "steps", "eta", "min_signal", "guidance"))
     assert kwargs("--eta", "0")["eta"] == 0.0 and kwargs("--eta", "0.5")["eta"] == 0.5
-    assert kwargs("--ddpm")["steps"] is None
+    assert kwargs("--ddpm")["sampler"] == "ddpm" == kwargs("--sampler", "ddpm")["sampler"]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
-"""Take visualization/app.png: the web UI (app.py) with a colorized example face, in headless Chromium.
+"""Drive the web UI (app.py) in headless Chromium: the helpers of tests/test_app.py, and the README screenshot.
 
-    python visualization/screenshot_app.py                         # checkpoints/celeba64.pt
-    python visualization/screenshot_app.py --checkpoint runs/celeba64/ckpt.pt --samples 4
+    python tests/browser.py                         # visualization/app.png from checkpoints/celeba64.pt
+    python tests/browser.py --checkpoint runs/whole/ckpt.pt --samples 4
 
-Starts app.py on a free local port, clicks the first example face, presses Colorize, waits for the result
-and saves a full-page screenshot. Needs Playwright (pip) and Debian's /usr/bin/chromium; no browser download.
-tests/test_app.py uses the same helpers to drive the page.
+The screenshot: app.py on a free local port, the first example face clicked, a colour hint or two if the model
+takes them, Colorize pressed, the result awaited, a full-page screenshot saved. Needs Playwright (pip) and
+Debian's /usr/bin/chromium; no browser download.
 """
 import argparse
 import contextlib
@@ -85,7 +85,8 @@ def wait_for_new_samples(page, before, timeout=120_000) -> list[str]:
                            ".map(i => i.getAttribute('src'));"
                            " return now.length > 0 && now.join() !== old.join(); }",
                            arg=before, timeout=timeout)
-    page.wait_for_load_state("networkidle")
+    page.wait_for_function("() => [...document.querySelectorAll('#samples img')]"
+                           ".every(i => i.complete && i.naturalWidth > 0)", timeout=timeout)
     return sample_urls(page)
 
 
@@ -93,6 +94,17 @@ def set_samples(page, n):
     box = page.locator("#samples-count input[type=number]")
     box.fill(str(n))
     box.press("Enter")
+
+
+def add_hint(page, fx, fy):
+    """Click the hints view at a fraction (fx, fy) of its picture; wait until the view shows the new dot."""
+    view = page.locator("#hint-view img").first
+    view.wait_for()
+    before = view.get_attribute("src")
+    box = view.bounding_box()
+    view.click(position={"x": fx * box["width"], "y": fy * box["height"]})
+    page.wait_for_function("old => { const i = document.querySelector('#hint-view img');"
+                           " return i && i.getAttribute('src') !== old; }", arg=before, timeout=30_000)
 
 
 def take_screenshot(url, out, samples=4, example=0):

@@ -1,0 +1,61 @@
+"""Colour conversion and image helpers (utils.py)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import utils
+from conftest import synthetic_photo
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LAB conversion
+
+def random_rgb(seed=0, n=4, size=32):
+    g = torch.Generator().manual_seed(seed)
+    rgb = torch.rand(n, 3, size, size, generator=g)
+    rgb[0, :, 0, 0], rgb[0, :, 0, 1] = 0.0, 1.0  # black and white, the ends of the L range
+    return rgb
+
+
+def test_lab_round_trip_is_exact_to_float_error():
+    rgb = random_rgb()
+    back = utils.lab_to_rgb(utils.rgb_to_lab(rgb))
+    assert back.shape == rgb.shape
+    assert (back - rgb).abs().max().item() < 1e-4  # measured about 5e-6 in float32
+
+
+def test_rgb_to_lab_agrees_with_scikit_image():
+    from skimage.color import rgb2lab
+    rgb = random_rgb(1)
+    ours = utils.rgb_to_lab(rgb).double()
+    ref = torch.from_numpy(rgb2lab(rgb.permute(0, 2, 3, 1).double().numpy())).permute(0, 3, 1, 2)
+    ref = torch.cat([ref[:, :1] / 50 - 1, ref[:, 1:] / utils.AB_NORM], dim=1)
+    # normalized units: 1e-4 is 0.005 L levels / 0.011 ab units, far below a visible difference
+    assert (ours - ref).abs().max().item() < 1e-4
+    # and the normalization really maps the L range onto [-1, 1]
+    assert ours[0, 0, 0, 0].item() == pytest.approx(-1, abs=1e-5)
+    assert ours[0, 0, 0, 1].item() == pytest.approx(1, abs=1e-5)
+
+
+def test_lab_to_rgb_clips_out_of_gamut_colours():
+    lab = torch.tensor([0.0, 1.0, -1.0]).view(1, 3, 1, 1).expand(1, 3, 4, 4)  # a=+110, b=-110: outside sRGB
+    rgb = utils.lab_to_rgb(lab)
+    assert torch.isfinite(rgb).all() and rgb.min() >= 0 and rgb.max() <= 1
+
+
+
+def test_is_greyscale():
+    rng = np.random.default_rng(0)
+    colour = synthetic_photo(rng)
+    assert not utils.is_greyscale(colour)
+    grey = colour.convert("L")
+    assert utils.is_greyscale(grey) and utils.is_greyscale(grey.convert("LA"))
+    assert utils.is_greyscale(grey.convert("RGB"))
+    arr = np.asarray(grey.convert("RGB")).astype(np.int16)
+    noisy = (arr + rng.integers(-1, 2, arr.shape)).clip(0, 255).astype(np.uint8)  # JPEG-like chroma noise
+    assert utils.is_greyscale(Image.fromarray(noisy))
+    patched = np.asarray(grey.convert("RGB")).copy()
+    patched[:10, :10] = (200, 40, 40)  # a red patch on 5% of a grey picture is colour
+    assert not utils.is_greyscale(Image.fromarray(patched))

@@ -1,0 +1,135 @@
+"""dataset.py: the cache of whole photos, the random crops and greyscales, the loader's shapes, exact resume."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dataset
+import utils
+from conftest import BAD_FILES, IMAGE_H, IMAGE_W, N_IMAGES
+
+
+def test_build_cache_keeps_whole_photos_larger_than_the_training_size(photo_dir, tmp_path, monkeypatch):
+    images, names = dataset.build_cache(str(photo_dir), 16, str(tmp_path), workers=1)
+    assert names == sorted(os.listdir(photo_dir)) and len(names) == N_IMAGES
+    short = dataset.CACHE_SCALE * 16
+    # the whole photo, aspect kept (40x48 -> 32x38), as RGB bytes
+    assert all(x.dtype == torch.uint8 and x.shape == (3, round(IMAGE_H * short / IMAGE_W), short) for x in images)
+    ref = utils.load_image(photo_dir / names[3]).resize((short, images[3].shape[1]), Image.BICUBIC)
+    assert (images[3].permute(1, 2, 0).int() - torch.from_numpy(np.asarray(ref)).int()).abs().float().mean() < 2
+    monkeypatch.setattr(dataset, "Pool", None)  # a second call reads the cache file instead of decoding again
+    images2, names2 = dataset.build_cache(str(photo_dir), 16, str(tmp_path), workers=1)
+    assert names == names2 and all(torch.equal(a, b) for a, b in zip(images, images2))
+
+
+def test_build_cache_skips_bad_files_with_one_warning_each(bad_dir, tmp_path, capsys):
+    images, names = dataset.build_cache(str(bad_dir), 16, str(tmp_path), workers=1)
+    assert names == ["good_1.jpg", "good_2.png"] and len(images) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == len(BAD_FILES), err
+    for name in BAD_FILES:
+        hits = [line for line in err if name in line]
+        assert len(hits) == 1 and hits[0].startswith("warning: skipping"), (name, err)
+    assert "greyscale" in next(line for line in err if "grey.jpg" in line)
+
+
+def test_build_cache_with_no_usable_image_is_a_clear_error(tmp_path):
+    folder = tmp_path / "only_bad"
+    folder.mkdir()
+    (folder / "a.jpg").write_text("nope")
+    with pytest.raises(ValueError, match="no usable colour images"):
+        dataset.build_cache(str(folder), 16, str(tmp_path / "cache"), workers=1)
+    with pytest.raises(FileNotFoundError):
+        dataset.build_cache(str(tmp_path / "missing"), 16, str(tmp_path / "cache"), workers=1)
+
+
+def test_validation_split_is_deterministic_and_disjoint(photo_dir, shared_cache):
+    names = [f"{i:06d}.jpg" for i in range(20000)]
+    split = [dataset.is_validation(n, 2.0) for n in names]
+    assert split == [dataset.is_validation(n, 2.0) for n in reversed(names)][::-1]  # by name, not by position
+    assert 0.015 < sum(split) / len(split) < 0.025
+    assert all(dataset.is_validation(n, 10.0) for n, v in zip(names, split) if v)  # only moves files in
+    images, files = dataset.build_cache(str(photo_dir), 16, str(shared_cache))
+    train_ds, val_ds = dataset.load_split(str(photo_dir), 16, 25.0, str(shared_cache))
+    expected = [images[i] for i, f in enumerate(files) if dataset.is_validation(f, 25.0)]
+    assert 0 < len(val_ds) == len(expected) < N_IMAGES and len(train_ds) + len(val_ds) == N_IMAGES
+    assert all(torch.equal(a, b) for a, b in zip(val_ds.images, expected))
+    assert train_ds.train and not val_ds.train
+
+
+def test_batch_shapes_have_the_training_size_as_short_side():
+    for aspect in dataset.ASPECTS:
+        h, w = dataset.batch_shape(64, aspect)
+        assert min(h, w) == 64 and h % 8 == 0 and w % 8 == 0 and abs(h / w - aspect) < 0.1
+    assert dataset.batch_shape(64, 1.25) == (80, 64)  # a CelebA portrait, as inference runs it
+
+
+def test_an_example_is_a_greyscale_L_and_the_true_ab(shared_cache, photo_dir):
+    images, _ = dataset.build_cache(str(photo_dir), 16, str(shared_cache))
+    ds = dataset.PhotoDataset(images, train=True, seed=0)
+    for i in range(len(images)):
+        x = ds[(i, 24, 16)]
+        assert x.shape == (3, 24, 16) and x[0].min() >= -1 and x[0].max() <= 1
+        # ab is the crop's own colour: the L channel alone carries the greyscale's changes. Check it by
+        # converting the example back: its chroma is that of a colour photo, not of a grey one
+        assert x[1:].abs().mean() > 0.02
+    # validation examples: the centre at the batch's aspect, LAB's own L, no randomness
+    plain = dataset.PhotoDataset(images)
+    assert torch.equal(plain[(2, 24, 16)], plain[(2, 24, 16)])
+    crop = plain[(2, 32, 16)]
+    rgb = utils.lab_to_rgb(crop[None])
+    assert crop.shape == (3, 32, 16) and (utils.rgb_to_lab(rgb)[0] - crop).abs().max() < 0.02
+
+
+def test_augmentation_is_a_function_of_seed_epoch_index(shared_cache, photo_dir):
+    images, _ = dataset.build_cache(str(photo_dir), 16, str(shared_cache))
+    a, b = dataset.PhotoDataset(images, train=True, seed=3), dataset.PhotoDataset(images, train=True, seed=3)
+    a.set_epoch(2), b.set_epoch(2)
+    for i in (0, 5, 11):
+        assert torch.equal(a[(i, 16, 16)], b[(i, 16, 16)])
+    b.set_epoch(3)
+    assert any(not torch.equal(a[(i, 16, 16)], b[(i, 16, 16)]) for i in range(len(images)))
+    c = dataset.PhotoDataset(images, train=True, seed=4)
+    c.set_epoch(2)
+    assert any(not torch.equal(a[(i, 16, 16)], c[(i, 16, 16)]) for i in range(len(images)))
+
+
+def test_greyscales_are_made_in_several_ways():
+    """Over many draws: LAB's L, PIL's Rec. 601 and others, so the L the model sees is not always LAB's."""
+    g = torch.Generator().manual_seed(0)
+    rgb = torch.rand(3, 16, 16, generator=g)
+    lab_L = utils.rgb_to_lab(rgb[None])[0, :1]
+    pil = torch.from_numpy(np.asarray(Image.fromarray((rgb.permute(1, 2, 0) * 255).round().byte().numpy())
+                                      .convert("L"), dtype=np.float32) / 255)
+    greys = [dataset.random_greyscale(rgb, g) for _ in range(200)]
+    assert all(x.shape == (1, 16, 16) and x.min() >= 0 and x.max() <= 1 for x in greys)
+    as_l = [dataset.grey_to_l(x) for x in greys]
+    assert any((L - lab_L).abs().max() < 0.01 for L in as_l)          # LAB's own L, untouched
+    assert any((x[0] - pil).abs().max() < 1 / 255 + 1e-3 for x in greys)  # PIL's convert("L"), untouched
+    assert sum((L - lab_L).abs().mean() > 0.02 for L in as_l) > 50     # and many that differ
+
+
+def test_make_loader_shards_skips_and_gives_each_batch_one_shape(shared_cache, photo_dir):
+    images, _ = dataset.build_cache(str(photo_dir), 16, str(shared_cache))
+    ds = dataset.PhotoDataset(images)
+
+    def run(**kw):
+        return list(dataset.make_loader(ds, 4, 16, **{"epoch": 1, "seed": 0, **kw}))
+
+    full = run()
+    assert len(full) == N_IMAGES // 4
+    assert {tuple(b.shape[-2:]) for b in full} <= {dataset.batch_shape(16, a) for a in dataset.ASPECTS}
+    assert len({tuple(b.shape[-2:]) for e in range(8) for b in run(epoch=e)}) > 1, "rectangles too"
+    shards = [run(rank=r, world_size=2) for r in (0, 1)]
+    assert [b.shape for b in shards[0]] == [b.shape for b in shards[1]]  # ranks agree on each batch's shape
+    resumed = run(skip_batches=2)
+    assert len(resumed) == len(full) - 2 and all(torch.equal(x, y) for x, y in zip(resumed, full[2:]))
+    assert not all(torch.equal(x, y) for x, y in zip(run(epoch=2), full) if x.shape == y.shape)
+
+
+def test_mean_ab_is_the_mean_colour(shared_cache, photo_dir):
+    images, _ = dataset.build_cache(str(photo_dir), 16, str(shared_cache))
+    expected = torch.stack([utils.rgb_to_lab(x[None].float() / 255)[0, 1:].mean(dim=(1, 2)) for x in images]).mean(0)
+    assert torch.allclose(dataset.mean_ab(images), expected, atol=1e-6) and expected.abs().max() > 0.01

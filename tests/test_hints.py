@@ -1,0 +1,79 @@
+"""Colour hints: the RGBA hint file, its scaling to the model, and the command line's --hints."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import inference
+from model import ColorDiffusion, Config, save_checkpoint
+from utils import ImageError, rgb_to_lab
+
+HINTED = Config(dim=8, dim_mults=(1, 2), image_size=16, timesteps=20, hints=True)
+COLOUR = (60, 150, 90)  # a mid green, inside sRGB at any lightness near its own
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpts")
+    for name, config in (("hinted", HINTED), ("plain", Config(**{**HINTED.to_dict(), "hints": False}))):
+        torch.manual_seed(0)
+        save_checkpoint(str(d / f"{name}.pt"), {"config": config.to_dict(), "ema": ColorDiffusion(config).state_dict()})
+    return d
+
+
+def hint_file(path, size, spots):
+    img = Image.new("RGBA", size, (0, 0, 0, 0))
+    for x, y in spots:
+        img.putpixel((x, y), (*COLOUR, 255))
+    img.save(path)
+    return path
+
+
+def ab_of(rgb):
+    return rgb_to_lab(torch.tensor(rgb, dtype=torch.float32).view(1, 3, 1, 1) / 255)[0, 1:, 0, 0]
+
+
+def test_load_hints_reads_opaque_pixels_and_scales_to_the_photo(tmp_path):
+    path = hint_file(tmp_path / "h.png", (10, 8), [(3, 2)])
+    hints = inference.load_hints(str(path), (20, 16))  # twice the size: the hint covers 2x2 photo pixels
+    assert hints.shape == (1, 3, 16, 20)
+    assert hints[0, 2].sum() == 4 and hints[0, 2, 4:6, 6:8].all()
+    assert torch.allclose(hints[0, :2, 4, 6], ab_of(COLOUR), atol=1e-5)
+    assert hints[0, :2][:, hints[0, 2] == 0].abs().max() == 0
+    small = inference.model_hints(hints, 8, 10)  # the model's resolution: a mean over what each pixel covers
+    assert small[0, 2].sum() == 1 and torch.allclose(small[0, :2, 2, 3], ab_of(COLOUR), atol=1e-5)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: Image.new("RGB", (8, 8), COLOUR).save(p), "need transparency"),
+    (lambda p: Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(p), "no hints"),
+    (lambda p: p.write_text("not an image"), "not an image"),
+])
+def test_bad_hint_files_are_one_line_errors(make, message, tmp_path, ckpts, capsys):
+    Image.new("L", (20, 16), 128).save(tmp_path / "g.png")
+    make(tmp_path / "h.png")
+    code = inference.main(["--image-path", str(tmp_path / "g.png"), "--hints", str(tmp_path / "h.png"),
+                           "--output", str(tmp_path / "o.png"), "--checkpoint", str(ckpts / "hinted.pt")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o.png").exists()
+    with pytest.raises(ImageError):
+        inference.load_hints(str(tmp_path / "h.png"), (20, 16))
+
+
+def test_hinted_pixels_take_the_hinted_colour(tmp_path, ckpts, capsys):
+    Image.new("RGB", (20, 16), COLOUR).convert("L").save(tmp_path / "g.png")
+    hint_file(tmp_path / "h.png", (20, 16), [(5, 5), (14, 9)])
+    args = ["--image-path", str(tmp_path / "g.png"), "--steps", "3", "--seed", "0"]
+    assert inference.main(args + ["--hints", str(tmp_path / "h.png"), "--output", str(tmp_path / "o.png"),
+                                  "--checkpoint", str(ckpts / "hinted.pt")]) == 0
+    out = np.asarray(Image.open(tmp_path / "o.png").convert("RGB"))
+    for x, y in [(5, 5), (14, 9)]:  # the hint's colour (ab) at the photo's own lightness
+        assert (ab_of(out[y, x]) - ab_of(COLOUR)).abs().max() * 110 < 2, out[y, x]
+    assert (ab_of(out[0, 0]) - ab_of(COLOUR)).abs().max() * 110 > 2  # a random model: elsewhere, other colours
+    code = inference.main(args + ["--hints", str(tmp_path / "h.png"), "--output", str(tmp_path / "p.png"),
+                                  "--checkpoint", str(ckpts / "plain.pt")])
+    assert code == 1 and "not trained with colour hints" in capsys.readouterr().err
+    code = inference.main(["--image-path", str(tmp_path), "--hints", str(tmp_path / "h.png"),
+                           "--checkpoint", str(ckpts / "hinted.pt")])
+    assert code == 1 and "single image" in capsys.readouterr().err

@@ -1,0 +1,81 @@
+"""The OpenVINO runtime against PyTorch, its fallback, and the command line's start-up imports."""
+import builtins
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import inference
+from conftest import ROOT
+from model import ColorDiffusion, Config, save_checkpoint
+
+pytest.importorskip("openvino")
+TINY = Config(dim=8, dim_mults=(1, 2), image_size=16, timesteps=20, cond_drop=0.1, guidance=1.5, hints=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    model = ColorDiffusion(TINY).eval()
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(str(path), {"config": TINY.to_dict(), "ema": model.state_dict()})
+    return model, str(path)
+
+
+def test_openvino_unet_matches_torch(tiny, monkeypatch):
+    model, path = tiny
+    ov = inference.OpenVINOUNet(model, path)
+    g = torch.Generator().manual_seed(1)
+    for shape in [(1, 16, 16), (4, 24, 16)]:  # batch and shape change: compiled again for each
+        L = torch.rand(shape[0], 1, *shape[1:], generator=g) * 2 - 1
+        x = torch.cat([L, torch.randn(shape[0], 5, *shape[1:], generator=g)], 1)
+        t = torch.randint(0, TINY.timesteps, (shape[0],), generator=g)
+        with torch.no_grad():
+            feats = model.encoder(L)
+            ref = model.unet(x, t, feats)
+        out = ov(x, t, feats)
+        assert out.shape == ref.shape and out.dtype == torch.float32
+        # bf16 inference where the CPU has it: about 2-3 significant digits
+        assert (out - ref).abs().max() < 0.05 * ref.abs().max() + 1e-3
+    assert len(ov.requests) == 2
+    # a second instance reads the converted network from the cache instead of converting again
+    import openvino
+    monkeypatch.setattr(openvino, "convert_model", None)
+    again = inference.OpenVINOUNet(model, path)
+    assert torch.equal(again(x, t, feats), out)
+
+
+def test_colorize_through_openvino_matches_torch(tiny):
+    model, path = tiny
+    img = Image.fromarray(np.tile(np.linspace(0, 255, 24, dtype=np.uint8), (20, 1)))
+    kw = dict(seed=0, sampler="dpm++2m", steps=4, amp=False)
+    ours = np.asarray(inference.colorize(model, img, unet=inference.fast_unet(model, path), **kw)[0], dtype=float)
+    ref = np.asarray(inference.colorize(model, img, **kw)[0], dtype=float)
+    assert np.abs(ours - ref).mean() < 3  # levels of 255
+
+
+def test_without_openvino_torch_runs_and_says_so(tiny, monkeypatch, capsys):
+    model, path = tiny
+    real_import = builtins.__import__
+
+    def no_openvino(name, *args, **kwargs):
+        if name == "openvino" or name.startswith("openvino."):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_openvino)
+    assert inference.fast_unet(model, path) is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "OpenVINO is not installed" in err[0]
+    with pytest.raises(ValueError, match="not installed"):
+        inference.fast_unet(model, path, "openvino")
+    assert inference.fast_unet(model, path, "torch") is None
+
+
+def test_the_command_line_imports_only_what_it_uses():
+    code = ("import sys, inference; heavy = {'skimage', 'gradio', 'torchvision', 'dataset', 'openvino', 'scipy'}; "
+            "print(sorted(m for m in heavy if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
