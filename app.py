@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from inference import DEFAULT_CHECKPOINT, colorize, fast_unet, load_hints  # noqa: E402
 from model import SAMPLERS, CheckpointError, load_model  # noqa: E402
-from utils import IMAGE_EXTENSIONS, ImageError, bf16_is_fast, load_image, pick_device  # noqa: E402
+from utils import IMAGE_EXTENSIONS, ImageError, load_image, pick_device  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES_DIR = os.path.join(HERE, "examples")
@@ -90,7 +90,7 @@ def parse_colour(colour) -> str:
     return colour
 
 
-def build_demo(model, amp=False, unet=None) -> gr.Blocks:
+def build_demo(model, unet=None) -> gr.Blocks:
     c, T = model.config, model.config.timesteps
 
     def run(photo, hints, sampler, steps, start, guidance, num_samples, seed, random_seed, dynamic_thresholding,
@@ -104,7 +104,7 @@ def build_demo(model, amp=False, unet=None) -> gr.Blocks:
 
         samples = colorize(model, img, sampler=sampler, steps=int(steps), num_samples=int(num_samples), seed=seed,
                            dynamic_thresholding=bool(dynamic_thresholding), min_signal=float(start),
-                           guidance=float(guidance), callback=callback, amp=amp, unet=unet,
+                           guidance=float(guidance), callback=callback, unet=unet,
                            hints=load_hints(hint_image(img, hints), img.size) if hints and c.hints else None)
         return (img, samples[0]), samples, seed
 
@@ -212,7 +212,7 @@ def main():
     except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
 
-    demo = build_demo(model, amp=bf16_is_fast(device), unet=unet)
+    demo = build_demo(model, unet=unet)
     demo.queue()
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_FILE_SIZE)

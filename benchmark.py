@@ -1,56 +1,38 @@
-"""How fast is colorization on this machine? Prints a markdown table.
+"""How fast is colorization on this machine? Prints markdown tables, all measured in this one run.
 
-    python benchmark.py                  # CPU or GPU (auto), a minute or two on 2 CPU cores
-    python benchmark.py --quick          # fewer timed steps
-    python benchmark.py --device cpu --threads 1 --amp off
+    python benchmark.py                  # a few minutes on 2 CPU cores
+    python benchmark.py --quick          # fewer repeats, no torch.compile
+    python benchmark.py --device cuda
 
-For the shipped checkpoint's model and sampling settings (guided, and unguided: guidance runs the UNet on
-twice the batch) and the original repository's size (dim 128, mults 1,2,3,3), at batch sizes 1 and 16,
-randomly initialised (speed does not depend on the weights), at the model resolution of a 178x218 CelebA
-photo: milliseconds per denoising step, and seconds per image for DDIM with inference.DEFAULT_STEPS steps
-and for the full DDPM loop over every timestep the shipped start uses. The
-per-image times are the encoder (once per image) plus steps x the measured step time: the DDPM loop is
-extrapolated from a few timed steps, not run. Step times are medians over the timed steps, so a busy
-machine's spikes count less. Last, one real end-to-end colorize() of a 178x218 photo with the default
-settings, and the time to load a checkpoint.
+1. One denoising step of the shipped UNet at the model resolution of a 178x218 photo, per runtime: PyTorch
+   float32, PyTorch bf16 autocast, torch.compile, OpenVINO (CPU only); batch 1, 2 (a guided pair) and 16.
+2. Seconds per photo, and the ratio to the original project's loop, at batch 1 and in a folder (batch 16):
+   the original's loop (its size: dim 128, mults 1,2,3,3; the encoder run at every one of 350 steps, float32),
+   our faithful DDPM loop, the previous default (DDIM 100, guided) and the shipped default (the checkpoint's
+   sampler, OpenVINO on a CPU). The slow loops are extrapolated from timed steps; the shipped default is run.
+3. The whole command, as a user runs it: `python inference.py` on one photo, and on a folder of 32.
 """
 import argparse
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 
-if __name__ == "__main__":  # as the command line does (see inference.py): robust on a busy machine
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+import inference  # first: it sets OMP_WAIT_POLICY before torch starts OpenMP (see there)
 import numpy as np
 import torch
 from PIL import Image
 
-import inference
-from model import CheckpointError, ColorDiffusion, Config, load_checkpoint, load_model, save_checkpoint
+from model import ColorDiffusion, Config, load_model
 from utils import bf16_is_fast, pick_device
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 PHOTO = (218, 178)  # height, width of a CelebA photo
-
-
-def shipped_config():
-    """The shipped checkpoint's config (Config() if there is none): its model and sampling settings."""
-    try:
-        return Config.from_dict(load_checkpoint(inference.DEFAULT_CHECKPOINT)["config"])
-    except CheckpointError:
-        return Config()
-
-
-def models(c):
-    """Rows of the table: the shipped model, guided (if it is) and unguided, and the original's size."""
-    name = f"default (dim {c.dim}; {','.join(map(str, c.dim_mults))})"
-    rows = [(f"{name}, guidance {c.guidance}", c)] if c.guidance != 1 else []
-    rows.append((f"{name}, unguided", Config.from_dict({**c.to_dict(), "guidance": 1.0})))
-    return rows + [("original size (dim 128; 1,2,3,3)", Config(dim=128, dim_mults=(1, 2, 3, 3)))]
+ORIGINAL = Config(dim=128, dim_mults=(1, 2, 3, 3), timesteps=350, attention=True)
+PREVIOUS = dict(sampler="ddim", steps=100, eta=1.0, guidance=1.1)  # the default before DPM-Solver++ and OpenVINO
 
 
 def sync(device):
@@ -58,124 +40,144 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device):
-    sync(device)
-    t = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t
+def median_time(fn, device, repeats, max_time):
+    fn()  # warm-up: kernels chosen, shapes compiled
+    times, start = [], time.perf_counter()
+    while len(times) < repeats or (time.perf_counter() - start < 1.0 and len(times) < 50):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+        if time.perf_counter() - start > max_time:
+            break
+    return statistics.median(times)
 
 
-def gflops(model, L):
-    from torch.utils.flop_counter import FlopCounterMode
-    feats = model.encoder(L)
-    x = torch.randn(L.shape[0], 3, *L.shape[2:], device=L.device)
-    with FlopCounterMode(display=False) as counter:
-        model.unet(x, torch.zeros(L.shape[0], dtype=torch.long, device=L.device), feats)
-    return counter.get_total_flops() / 1e9 * (2 if model.config.guidance != 1 else 1)  # guided: two UNet passes
-
-
-def bench_steps(model, batch, device, amp, repeats, min_time, max_time):
-    """(encoder seconds, median seconds per denoising step, steps timed) for one batch."""
+def step_inputs(model, batch, device):
     h, w = inference.model_size(model, *PHOTO)
-    L = torch.rand(batch, 1, h, w, device=device).mul(2).sub(1).contiguous(memory_format=torch.channels_last)
-    x = torch.randn(batch, 2, h, w, device=device)
-    with torch.inference_mode(), amp():
-        model.encoder(L)  # warm-up: first calls pick kernels
-        enc = timed(lambda: model.encoder(L), device)
-        denoise = model.denoiser(L, model.config.guidance)
-        denoise(x, model.config.timesteps - 1)
-        times, start = [], time.perf_counter()
-        while True:
-            t = int(torch.randint(0, model.config.timesteps, ()))
-            times.append(timed(lambda: denoise(x, t), device))
-            elapsed = time.perf_counter() - start
-            if (len(times) >= repeats and elapsed >= min_time) or elapsed >= max_time:
-                break
-    return enc, statistics.median(times), len(times)
+    L = torch.rand(batch, 1, h, w, device=device) * 2 - 1
+    x = torch.randn(batch, model.unet.init_conv.in_channels, h, w, device=device)
+    with torch.inference_mode():
+        feats = model.encoder(L)
+    return x, torch.full((batch,), 100, device=device), feats
+
+
+def runtimes(model, path, device, use_amp, compile_too):
+    """name -> unet(x, t, feats) for each runtime available here."""
+    def torch_unet(amp):
+        def run(x, t, feats):
+            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                return model.unet(x, t, feats)
+        return run
+    out = {"torch float32": torch_unet(False)}
+    if use_amp:
+        out["torch bf16 autocast"] = torch_unet(True)
+    if compile_too:
+        compiled = torch.compile(model.unet)
+
+        def run(x, t, feats):
+            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                return compiled(x, t, feats)
+        out["torch.compile" + (" bf16" if use_amp else "")] = run
+    ov = inference.fast_unet(model, path, "auto")
+    if ov is not None:
+        out[f"OpenVINO {ov.config['INFERENCE_PRECISION_HINT']}"] = ov
+    return out
+
+
+def per_photo(model, device, batch, steps, guided, amp, repeats, encoder_every_step=False):
+    """Seconds per photo of a loop of `steps` UNet steps (pairs when guided), from the median step time."""
+    x, t, feats = step_inputs(model, batch * (2 if guided else 1), device)
+    L = torch.rand(batch, 1, *x.shape[-2:], device=device)
+
+    def step():
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            model.unet(x, t, model.encoder(L) if encoder_every_step else feats)
+    return steps * median_time(step, device, repeats, 10.0) / batch
 
 
 def cpu_name():
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", default=inference.DEFAULT_CHECKPOINT)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--repeats", type=int, default=5, help="timed denoising steps per row (at least)")
-    p.add_argument("--quick", action="store_true", help="fewer, shorter timings (about 3x faster)")
-    p.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
-                   help="bf16 autocast; auto as in inference.py: on where bf16 is fast")
-    p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's)")
-    p.add_argument("--batch-sizes", default="1,16", help="comma-separated")
+    p.add_argument("--quick", action="store_true", help="fewer repeats, and no torch.compile")
+    p.add_argument("--folder", type=int, default=32, help="photos in the folder of part 3")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
         device = pick_device(args.device)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    use_amp = bf16_is_fast(device) if args.amp == "auto" else args.amp == "on"
-    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_amp else nullcontext
-    repeats, min_time, max_time = (2, 0.3, 3.0) if args.quick else (args.repeats, 1.0, 8.0)
-    batches = [int(b) for b in args.batch_sizes.split(",")]
-
+    use_amp = bf16_is_fast(device)
+    repeats = 3 if args.quick else 10
+    model = load_model(args.checkpoint, device)
+    c = model.config
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{cpu_name()}, {torch.get_num_threads()} threads"
-    print(f"# Color Diffusion benchmark: {where}; torch {torch.__version__}; "
-          f"bf16 autocast {'on' if use_amp else 'off'}")
-    shipped = shipped_config()
-    reference = ColorDiffusion(shipped)
-    n_ddpm = len(reference.sampling_schedule())
-    h, w = inference.model_size(reference, *PHOTO)
-    print(f"Model resolution {h}x{w} (a {PHOTO[1]}x{PHOTO[0]} photo); DDIM {inference.DEFAULT_STEPS} steps; "
-          f"DDPM = all {n_ddpm} steps from the shipped start, extrapolated from the timed steps.\n")
-    print("| model | params | GFLOP/step/image | batch | ms/step | ms/step/image | "
-          f"DDIM {inference.DEFAULT_STEPS}: s/image | DDPM {n_ddpm}: s/image | steps timed |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    torch.manual_seed(0)
-    default_model = None
-    for name, config in models(shipped):
-        model = ColorDiffusion(config).eval().to(device, memory_format=torch.channels_last)
-        if default_model is None:
-            default_model = model
-        n_params = sum(p.numel() for p in model.parameters()) / 1e6
-        with torch.inference_mode():
-            flops = gflops(model, torch.zeros(1, 1, h, w, device=device))
-        for batch in batches:
-            enc, step, n = bench_steps(model, batch, device, amp, repeats, min_time, max_time)
-            ddim = (enc + inference.DEFAULT_STEPS * step) / batch
-            ddpm = (enc + n_ddpm * step) / batch
-            print(f"| {name} | {n_params:.1f}M | {flops:.1f} | {batch} | {step * 1e3:.1f} | "
-                  f"{step * 1e3 / batch:.1f} | {ddim:.2f} | {ddpm:.1f} | {n} |", flush=True)
-        if model is not default_model:
-            del model
+    h, w = inference.model_size(model, *PHOTO)
+    print(f"# Color Diffusion benchmark: {where}; torch {torch.__version__}; model resolution {h}x{w}\n")
 
-    # end to end, as a user sees it: load a checkpoint, colorize one photo with the shipped settings
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "model.pt")
-        save_checkpoint(path, {"config": shipped.to_dict(),
-                               "ema": {k: v.half() for k, v in default_model.state_dict().items()}})
-        t = time.perf_counter()
-        model = load_model(path, device).to(memory_format=torch.channels_last)
-        load = time.perf_counter() - t
+    print("## One UNet step (ms)\n\n| runtime | batch 1 | batch 2 | batch 16 |\n|---|---|---|---|")
+    for name, unet in runtimes(model, args.checkpoint, device, use_amp, not args.quick).items():
+        ms = [1e3 * median_time(lambda: unet(*inputs), device, repeats, 10.0)
+              for inputs in (step_inputs(model, b, device) for b in (1, 2, 16))]
+        print(f"| {name} | " + " | ".join(f"{v:.1f}" for v in ms) + " |", flush=True)
+
+    print("\n## Seconds per photo (ratio: how many times faster than the original's loop)\n")
+    print("| sampler | UNet passes | batch 1: s/photo | ratio | folder (batch 16): s/photo | ratio |")
+    print("|---|---|---|---|---|---|")
+    original = ColorDiffusion(ORIGINAL).eval().to(device)
+    n_ddpm = len(model.sampling_schedule())
+    guided = c.guidance != 1
+    rows = [("the original's loop (dim 128, 350 steps, encoder every step, float32)", 350,
+             [per_photo(original, device, b, 350, False, False, repeats, True) for b in (1, 16)]),
+            (f"our DDPM loop ({n_ddpm} steps{', guided' if guided else ''})", n_ddpm * (1 + guided),
+             [per_photo(model, device, b, n_ddpm, guided, use_amp, repeats) for b in (1, 16)]),
+            ("previous default: DDIM 100, eta 1, guidance 1.1, PyTorch", 200,
+             [per_photo(model, device, b, 100, True, use_amp, repeats) for b in (1, 16)])]
+    # the shipped default, run for real through colorize_batch: encoder, sampler, recombination at full size
+    unet = inference.fast_unet(model, args.checkpoint)
     rng = np.random.default_rng(0)
-    photo = Image.fromarray(rng.integers(0, 256, PHOTO, dtype=np.uint8), "L")
-    amp_arg = None if args.amp == "auto" else use_amp
-    inference.colorize(model, photo, steps=2, amp=amp_arg)  # warm-up
-    runs = [timed(lambda: inference.colorize(model, photo, seed=0, amp=amp_arg), device)
-            for _ in range(1 if args.quick else 2)]
-    print(f"\nEnd to end, the shipped model and settings (DDIM {inference.DEFAULT_STEPS}, guidance "
-          f"{shipped.guidance}), one {PHOTO[1]}x{PHOTO[0]} photo: colorize() {min(runs):.2f} s (best of {len(runs)}); "
-          f"loading the checkpoint {load:.2f} s (plus Python and torch start-up for a command-line run).")
+    photos = [Image.fromarray(rng.integers(0, 256, PHOTO, dtype=np.uint8), "L") for _ in range(16)]
+    real = []
+    for batch in (1, 16):
+        run = lambda: inference.colorize_batch(model, photos[:batch], seed=0, batch_size=batch, unet=unet)  # noqa
+        real.append(median_time(run, device, max(1, repeats // (1 if batch == 1 else 3)), 20.0) / batch)
+    default = f"{c.sampler} {c.sample_steps}" + (f", eta {c.sample_eta}" if c.sampler != "ddim" or c.sample_eta else "")
+    rows.append((f"**shipped default: {default}{f', guidance {c.guidance}' if guided else ''}, "
+                 f"{'OpenVINO' if unet else 'PyTorch'}** (run, not extrapolated)", c.sample_steps * (1 + guided), real))
+    base = rows[0][2]
+    for name, passes, (one, folder) in rows:
+        print(f"| {name} | {passes} | {one:.3f} | {base[0] / one:.0f}x | {folder:.3f} | {base[1] / folder:.0f}x |",
+              flush=True)
+
+    print("\n## The whole command (a new process: Python, torch, the model, OpenVINO's cached network)\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.join(tmp, "photos")
+        os.makedirs(folder)
+        for i in range(args.folder):
+            photos[i % len(photos)].save(os.path.join(folder, f"{i:03d}.jpg"))
+        cmd = [sys.executable, os.path.join(HERE, "inference.py"), "--checkpoint", args.checkpoint,
+               "--device", args.device, "--overwrite"]
+        one = [*cmd, "--image-path", os.path.join(folder, "000.jpg"), "--output", os.path.join(tmp, "one.png")]
+        subprocess.run(one, check=True, capture_output=True)  # the first run converts for OpenVINO, once
+        t = time.perf_counter()
+        subprocess.run(one, check=True, capture_output=True)
+        single = time.perf_counter() - t
+        t = time.perf_counter()
+        subprocess.run([*cmd, "--image-path", folder, "--output", os.path.join(tmp, "out")], check=True,
+                       capture_output=True)
+        many = time.perf_counter() - t
+    print(f"| command | seconds | photos/s |\n|---|---|---|\n| one photo | {single:.2f} | {1 / single:.1f} |\n"
+          f"| a folder of {args.folder} | {many:.2f} | {args.folder / many:.1f} |")
 
 
 if __name__ == "__main__":

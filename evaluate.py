@@ -18,6 +18,9 @@ import argparse
 import os
 import sys
 
+# first: inference sets OMP_WAIT_POLICY before torch starts OpenMP (see there)
+from inference import (DEFAULT_CHECKPOINT, add_sampling_args, check_sampling_args, colorize_batch, fast_unet,
+                       sampling_kwargs)
 import numpy as np
 import torch
 from PIL import Image, ImageOps
@@ -26,7 +29,6 @@ from skimage.metrics import peak_signal_noise_ratio
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from inference import DEFAULT_CHECKPOINT, add_sampling_args, check_sampling_args, colorize_batch, sampling_kwargs
 from model import CheckpointError, load_model
 from utils import ImageError, list_images, load_image, pick_device
 
@@ -71,13 +73,14 @@ def scores(out, truth):
     return peak_signal_noise_ratio(truth, out, data_range=255), de.mean(), (de > GROSS).mean(), colourfulness(out)
 
 
-def evaluate(model, photos, batch_size=16, seed=0, **sampling):
-    """photos: colour PIL images. Colorizes each one's PIL greyscale; returns ({metric: mean}, outputs)."""
+def evaluate(model, photos, batch_size=16, seed=0, unet=None, **sampling):
+    """photos: colour PIL images. Colorizes each one's PIL greyscale as inference.py does (`unet`: its runtime);
+    returns ({metric: mean}, outputs)."""
     greys = [p.convert("L") for p in photos]
     outputs = []
     for start in tqdm(range(0, len(photos), batch_size), desc="colorizing", leave=False):
         results = colorize_batch(model, greys[start:start + batch_size], seed=seed + start, batch_size=batch_size,
-                                 **sampling)
+                                 unet=unet, **sampling)
         outputs += [r[0] for r in results]
     rows = []
     for photo, grey, out in zip(photos, greys, outputs):
@@ -146,6 +149,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--runtime", choices=("auto", "openvino", "torch"), default="auto", help="as in inference.py")
     p.add_argument("--out", default="eval")
     args = p.parse_args(argv)
     check_sampling_args(p, args)
@@ -158,6 +162,7 @@ def main(argv=None):
     results, rows = [], []
     for path in args.checkpoint or [DEFAULT_CHECKPOINT]:
         model = load_model(path, device)
+        unet = fast_unet(model, path, args.runtime)
         c = model.config
         sampling = sampling_kwargs(args)
         shown = {k: (v if v is not None else getattr(c, f)) for k, v, f in
@@ -169,7 +174,7 @@ def main(argv=None):
         label = f"{os.path.basename(path)}: " + ", ".join(f"{k} {v}" for k, v in shown.items())
         for name in views:
             framed = [view(photo, name, k) for k, photo in enumerate(photos)]
-            m, outputs = evaluate(model, framed, args.batch_size, args.seed, **sampling)
+            m, outputs = evaluate(model, framed, args.batch_size, args.seed, unet, **sampling)
             results.append((label, name, m))
             rows += [[f.convert("L") for f in framed], outputs, framed]
             print(f"{name}, {label}: PSNR {m['psnr']:.2f} dE00 {m['de']:.2f} gross {100 * m['gross']:.1f}% "

@@ -20,10 +20,9 @@ import time
 
 # OpenMP threads that spin while they wait for each other collapse when another process keeps the cores busy:
 # one step of the default model went from ~30 ms to 0.2-1.8 s on 2 cores beside a training run, and stayed
-# at ~30-80 ms with passive waiting. For the command line only (before torch loads OpenMP); an explicit
-# OMP_WAIT_POLICY wins.
-if __name__ == "__main__":
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# at ~30-80 ms with passive waiting. Set before torch loads OpenMP: the command line, app.py, evaluate.py and
+# benchmark.py import this module first. An explicit OMP_WAIT_POLICY wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import torch
@@ -34,7 +33,7 @@ from tqdm import tqdm
 
 from model import SAMPLERS, CheckpointError, load_model, min_signal_check
 from utils import (IMAGE_EXTENSIONS, ImageError, bf16_is_fast, fit_to_gamut, is_greyscale, lab_to_rgb, list_images,
-                   load_image, pick_device, rgb_to_lab, save_image, tensor_to_pil)
+                   load_image, pick_device, pil_to_tensor, rgb_to_lab, save_image, tensor_to_pil, use_bf16)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "color-diffusion")
@@ -63,10 +62,9 @@ def greyscale_rgb(img: Image.Image) -> tuple[torch.Tensor, Image.Image | None]:
         rgb = torch.from_numpy(arr / top).clamp(0, 1)[None, None].expand(1, 3, *arr.shape)
     else:
         try:
-            arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+            rgb = pil_to_tensor(img)
         except ValueError as e:  # e.g. a LAB-mode TIFF: PIL cannot convert it
             raise ImageError(f"unsupported colour mode {img.mode} ({e})") from None
-        rgb = torch.from_numpy(arr).permute(2, 0, 1)[None]
     return rgb.contiguous(), alpha
 
 
@@ -148,10 +146,10 @@ def colorize_batch(model, images, num_samples=1, seed=None, callback=None, amp=N
     with num_samples=K takes K rows). `sampling` (sampler, steps, eta, min_signal, guidance,
     dynamic_thresholding) goes to model.sample: what is not given is the checkpoint's. `hints`: per image, None
     or full-size hints (load_hints). `unet`: another runtime's UNet (OpenVINOUNet). With `seed`, the same
-    call gives the same result bit for bit. amp=None uses bf16 autocast where it is fast (utils.bf16_is_fast).
+    call gives the same result bit for bit. amp: bf16 autocast, see utils.use_bf16 (None: where it is fast).
     callback(i, n, x_t, x0) sees each step of each batch (model-space tensors, num_samples rows per image)."""
     device = next(model.parameters()).device
-    amp = bf16_is_fast(device) if amp is None else amp
+    amp = use_bf16(device, amp)
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     smalls = [model_input(model, img) for img in images]
     groups = {}  # model resolution -> indices, in order of first appearance
@@ -452,8 +450,7 @@ def _load(args, device):
 
 
 def _sampler_kwargs(args):
-    return dict(num_samples=args.num_samples, seed=args.seed, amp=None if args.amp == "auto" else args.amp == "on",
-                **sampling_kwargs(args))
+    return dict(num_samples=args.num_samples, seed=args.seed, amp=args.amp, **sampling_kwargs(args))
 
 
 def _save_params(fmt, source: Image.Image):
@@ -556,18 +553,25 @@ def run_folder(args, device):
 
     failed, colour, done = [], 0, 0
     bar = tqdm(total=len(jobs), unit="img", dynamic_ncols=True, file=sys.stderr)
-    pending = {}  # model resolution -> [(input, outputs, PIL image)]
-
-    def flush(key):
-        nonlocal done
-        batch = pending.pop(key)
-        try:
+    for start in range(0, len(jobs), per_batch):  # a batch's worth decoded at a time: memory stays bounded
+        batch = []
+        for path, outs in jobs[start:start + per_batch]:
+            try:
+                img = load_image(path)
+                colour += _is_colour(img)  # also fails here, not mid-batch, on a mode PIL cannot convert
+                batch.append((path, outs, img))
+            except Exception as e:
+                failed.append(str(e) if isinstance(e, ImageError) else f"{path}: {type(e).__name__}: {e}")
+                bar.update(1)
+        if not batch:
+            continue
+        try:  # colorize_batch samples the photos of each model resolution together
             results = colorize_batch(model, [img for _, _, img in batch], batch_size=per_batch * args.num_samples,
                                      unet=unet, **kwargs)
         except Exception as e:  # e.g. out of memory: report these files, go on with the rest
             failed.extend(f"{i}: {type(e).__name__}: {e}".splitlines()[0] for i, _, _ in batch)
             bar.update(len(batch))
-            return
+            continue
         for (i, outs, img), result in zip(batch, results):
             try:
                 for path, r in zip(outs, result):
@@ -576,23 +580,6 @@ def run_folder(args, device):
             except (ImageError, UsageError) as e:
                 failed.append(str(e))
             bar.update(1)
-
-    for path, outs in jobs:
-        try:
-            img = load_image(path)
-            colour += _is_colour(img)  # also fails here, not mid-batch, on a mode PIL cannot convert
-            key = model_size(model, img.height, img.width)
-        except Exception as e:
-            failed.append(str(e) if isinstance(e, ImageError) else f"{path}: {type(e).__name__}: {e}")
-            bar.update(1)
-            continue
-        pending.setdefault(key, []).append((path, outs, img))
-        if len(pending[key]) >= per_batch:
-            flush(key)
-        elif sum(map(len, pending.values())) > 2 * per_batch:  # bound the decoded images held in memory
-            flush(max(pending, key=lambda k: len(pending[k])))
-    for key in list(pending):
-        flush(key)
     bar.close()
 
     if colour:

@@ -6,10 +6,9 @@ from drowning in noise at all but the last timesteps. L is never noised.
 """
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from unet import GreyscaleEncoder, UNet
@@ -27,51 +26,59 @@ def guidance_check(guidance, cond_drop):
     return guidance == 1 or cond_drop > 0, "guidance other than 1 needs a model trained with cond_drop > 0"
 
 
+def _field(default, help, model=False):
+    """A Config field: its help is train.py's --help; `model` fields shape the network (fixed when resuming)."""
+    return field(default=default, metadata={"help": help, "model": model})
+
+
 @dataclass
 class Config:
-    # model (all that inference needs: saved in every checkpoint)
-    image_size: int = 64
-    dim: int = 32
-    dim_mults: tuple = (1, 2, 4, 8)
-    dropout: float = 0.0
-    attention: bool = True
-    hints: bool = False           # colour hints as 3 more UNet inputs (ab, mask), trained with simulated clicks
-    timesteps: int = 350
-    schedule: str = "cosine"      # "cosine" or "linear" (the original's)
-    ab_scale: float = 4.0         # ab_n is multiplied by this before noising
-    min_snr_gamma: float = 5.0    # Min-SNR loss weighting min(SNR, gamma) / SNR; 0 = plain MSE
-    snr_floor: float = 0.05       # and weight f / SNR where SNR < f, the noisiest steps; 0 = off
-    snr_floor_cap: float = 20.0   # at most this weight: 20 keeps the floor's x0 weight down to signal ~0.05
-    cond_drop: float = 0.15       # fraction of training images shown without their greyscale (L = 0), so the
-                                  # same network also learns the unconditional colours that guidance needs
-    # sampling: how this checkpoint samples best, chosen by evaluation (train.py --export sets them); every
-    # front end uses these unless told otherwise. Checkpoints older than a field sample as they always did.
-    sampler: str = "ddim"         # "ddim", "dpm++2m" (eta > 0: its SDE variant) or "ddpm" (every timestep)
-    sample_steps: int = 100       # denoiser evaluations (ddim, dpm++2m), pairs of them when guided
-    sample_eta: float = 1.0       # fresh noise per step: 0 deterministic, 1 DDPM-like
-    sample_min_signal: float = 0.04  # sampling starts at the noisiest t whose sqrt(alphas_cumprod) >= this
-    guidance: float = 1.0         # classifier-free guidance scale for sampling; 1 = none (needs cond_drop > 0)
-    ab_mean: tuple = (0.0, 0.0)   # mean ab_n of the training images (train.py measures it): sampling starts there
+    """Everything about a run; saved in every checkpoint, so a checkpoint alone is enough to sample from it."""
+    # the model
+    image_size: int = _field(64, "training resolution: the short side of the training crops", True)
+    dim: int = _field(32, "UNet base width", True)
+    dim_mults: tuple = _field((1, 2, 4, 8), "width multiplier per UNet level", True)
+    dropout: float = _field(0.0, "dropout in the residual blocks", True)
+    attention: bool = _field(True, "linear attention per level, full attention in the middle", True)
+    hints: bool = _field(False, "colour hints as 3 more UNet inputs (ab, mask), trained with simulated clicks; "
+                                "with --init, added to a model without (zero-initialised)", True)
+    timesteps: int = _field(350, "diffusion steps T", True)
+    schedule: str = _field("cosine", "noise schedule: cosine, or linear (the original's)", True)
+    ab_scale: float = _field(4.0, "ab/110 is multiplied by this before noising", True)
+    # the loss
+    min_snr_gamma: float = _field(5.0, "Min-SNR loss weighting min(SNR, gamma) / SNR; 0 = plain MSE")
+    snr_floor: float = _field(0.05, "up-weight the noise loss of steps with SNR below this, to f / SNR (at "
+                                    "most 20x); 0 = off")
+    cond_drop: float = _field(0.15, "share of training images shown without their greyscale (L = 0): the "
+                                    "unconditional colours that classifier-free guidance needs")
+    # sampling: how this checkpoint samples best, chosen by evaluation (train.py --export sets them); every front
+    # end uses these unless told otherwise. Checkpoints older than a field sample as they always did.
+    sampler: str = _field("ddim", "ddim, dpm++2m (with eta > 0 its SDE variant) or ddpm (every timestep)")
+    sample_steps: int = _field(100, "denoising steps of ddim and dpm++2m (UNet pairs when guided)")
+    sample_eta: float = _field(1.0, "fresh noise per step: 0 deterministic, 1 DDPM-like")
+    sample_min_signal: float = _field(0.04, "sampling starts at the noisiest t whose sqrt(alphas_cumprod) >= this")
+    guidance: float = _field(1.0, "classifier-free guidance scale of sampling; 1 = none (needs cond_drop > 0)")
+    ab_mean: tuple = _field((0.0, 0.0), "mean ab/110 of the training photos (measured): sampling starts there")
     # data
-    data: str = "img_align_celeba"
-    cache_dir: str = "cache"
-    val_percent: float = 2.0      # files whose name hashes below this percentage are validation, never trained on
+    data: str = _field("img_align_celeba", "folder of colour photos")
+    cache_dir: str = _field("cache", "where the decoded photos are kept")
+    val_percent: float = _field(2.0, "held-out percentage of files (by file-name hash): the validation loss")
     # training
-    out_dir: str = "runs/celeba64"
-    batch_size: int = 32          # global: split across processes under torchrun
-    lr: float = 3e-4              # for the global batch size
-    warmup_steps: int = 200
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    max_steps: int = 20400
-    log_every: int = 50
-    eval_every: int = 400         # validation loss + sample grid
-    ckpt_every: int = 200
-    num_workers: int = 0
-    seed: int = 0
-    device: str = "auto"          # auto, cpu, cuda
-    amp: str = "auto"             # bf16 autocast: auto (on), on, off
+    out_dir: str = _field("runs/celeba64", "checkpoints, sample grids, log")
+    batch_size: int = _field(32, "global batch size (split across torchrun processes)")
+    lr: float = _field(3e-4, "peak AdamW learning rate, for the global batch size")
+    warmup_steps: int = _field(200, "linear warm-up steps, then cosine decay to a tenth")
+    weight_decay: float = _field(0.0, "AdamW weight decay")
+    grad_clip: float = _field(1.0, "gradient norm clipping")
+    ema_decay: float = _field(0.999, "EMA decay of the weights used for sampling")
+    max_steps: int = _field(20400, "optimizer steps in total")
+    log_every: int = _field(50, "steps between log lines")
+    eval_every: int = _field(400, "steps between validation loss + sample grid")
+    ckpt_every: int = _field(200, "steps between checkpoints")
+    num_workers: int = _field(0, "DataLoader worker processes")
+    seed: int = _field(0, "seed of everything random: the same seed, the same run")
+    device: str = _field("auto", "auto, cpu, cuda")
+    amp: str = _field("auto", "bf16 autocast: auto (where fast), on, off")
 
     def __post_init__(self):
         """Reject what would otherwise fail deep inside training or sampling, with a traceback, or silently."""
@@ -88,8 +95,7 @@ class Config:
             guidance_check(self.guidance, self.cond_drop),
             (self.timesteps >= 2, "timesteps must be at least 2"),
             (self.ab_scale > 0, "ab_scale must be positive"),
-            (self.min_snr_gamma >= 0 and self.snr_floor >= 0 and self.snr_floor_cap >= 1,
-             "min_snr_gamma and snr_floor must be >= 0, snr_floor_cap >= 1"),
+            (self.min_snr_gamma >= 0 and self.snr_floor >= 0, "min_snr_gamma and snr_floor must be >= 0"),
             min_signal_check(self.sample_min_signal, "sample_min_signal"),
             (self.sampler in SAMPLERS, f"sampler must be one of {', '.join(SAMPLERS)}, not {self.sampler!r}"),
             (self.sample_steps >= 1 and self.sample_eta >= 0, "sample_steps must be >= 1 and sample_eta >= 0"),
@@ -107,6 +113,11 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"config: {message}")
+
+    @classmethod
+    def model_fields(cls):
+        """The fields that shape the network: a resumed or fine-tuned run cannot change them."""
+        return tuple(f.name for f in fields(cls) if f.metadata["model"])
 
     @classmethod
     def from_dict(cls, d):
@@ -287,9 +298,9 @@ class ColorDiffusion(nn.Module):
             # An x0 error there moves the noise only sqrt(SNR) as much, so the plain noise loss barely sees
             # it: measured, the x0 such a model implies at signal 0.05 is worse than the mean colour. At those
             # steps sampling decides each picture's overall colours.
-            # The cap: the network's own imprecision in the noise is multiplied by the weight too.
-            f = self.config.snr_floor
-            loss = loss * (f / snr).clamp(1, self.config.snr_floor_cap)
+            # The cap of 20: the network's own imprecision in the noise is multiplied by the weight too (a cap
+            # of 125 measured no better; docs/experiments.md).
+            loss = loss * (self.config.snr_floor / snr).clamp(1, 20)
         return loss.mean()
 
     loss = forward

@@ -17,33 +17,14 @@ from dataclasses import fields
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torchvision.transforms.v2.functional import to_pil_image
+from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from dataset import batch_shape, load_split, make_loader, mean_ab
 from model import (CheckpointError, ColorDiffusion, Config, ema_update, export_inference_checkpoint, load_checkpoint,
                    save_checkpoint)
-from utils import bf16_is_fast, lab_to_rgb, pick_device, tensor_to_pil
-
-MODEL_FIELDS = ("image_size", "dim", "dim_mults", "dropout", "attention", "hints", "timesteps", "schedule", "ab_scale")
-HELP = {
-    "image_size": "training resolution (square crops)", "dim": "UNet base width",
-    "dim_mults": "width multiplier per UNet level", "attention": "linear attention per level + full in the middle",
-    "hints": "colour hints as UNet inputs, trained with simulated clicks (with --init: added to a model without)",
-    "timesteps": "diffusion steps T", "schedule": "noise schedule: cosine or linear (the original's)",
-    "ab_scale": "ab/110 is multiplied by this before noising", "min_snr_gamma": "Min-SNR loss weighting; 0 = off",
-    "snr_floor": "up-weight the noise loss of steps with SNR below this (x0 weight at least this); 0 = off",
-    "snr_floor_cap": "the most that floor multiplies a step's loss by (it holds down to SNR = floor / cap)",
-    "cond_drop": "fraction of images trained without their greyscale, for classifier-free guidance",
-    "guidance": "classifier-free guidance scale of sampling (1 = none; needs cond_drop > 0)",
-    "data": "folder of colour photos", "cache_dir": "where the decoded LAB cache is kept",
-    "val_percent": "held-out percentage of files (by file-name hash)", "out_dir": "checkpoints, sample grids, log",
-    "batch_size": "global batch size (split across torchrun processes)", "lr": "peak AdamW learning rate",
-    "max_steps": "optimizer steps in total", "ema_decay": "EMA decay of the weights used for sampling",
-    "eval_every": "steps between validation loss + sample grid", "ckpt_every": "steps between checkpoints",
-    "device": "auto, cpu, cuda", "amp": "bf16 autocast: auto (where fast), on, off",
-    "num_workers": "DataLoader worker processes",
-}
-
+from utils import lab_to_rgb, pick_device, use_bf16
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train the Color Diffusion model.",
@@ -55,7 +36,7 @@ def parse_args(argv=None):
                 tuple: lambda s: tuple(int(x) for x in s.split(","))}.get(type(default), type(default))
         # SUPPRESS: only flags given on the command line appear, so --resume can tell them from defaults
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=argparse.SUPPRESS,
-                       help=f"{HELP.get(f.name, '')} (default: "
+                       help=f"{f.metadata['help']} (default: "
                             f"{','.join(map(str, default)) if isinstance(default, tuple) else default})".lstrip())
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
     p.add_argument("--init", metavar="PATH", help="start a new run from the weights of this checkpoint (training "
@@ -86,10 +67,10 @@ def lr_at(step, c: Config):
 
 
 @torch.no_grad()
-def evaluate(ema, val, device, amp, n_loss=256, n_samples=8, steps=50):
-    """Validation loss with fixed timesteps and noise (comparable across evaluations), and a sample grid:
-    rows of greyscale | sample | ground truth. Portrait crops of the validation photos' centres, as whole
-    CelebA photos are run."""
+def evaluate(ema, val, device, amp, n_loss=256, n_samples=8):
+    """Validation loss with fixed timesteps and noise (comparable across evaluations), and a sample grid with
+    the run's sampling settings: rows of greyscale | sample | ground truth. Portrait crops of the validation
+    photos' centres, the shape whole CelebA photos are run at."""
     g = torch.Generator(device).manual_seed(1234)
     h, w = batch_shape(ema.config.image_size, 1.25)
     batch = torch.stack([val[(i, h, w)] for i in range(min(n_loss, len(val)))]).to(device)
@@ -100,11 +81,10 @@ def evaluate(ema, val, device, amp, n_loss=256, n_samples=8, steps=50):
             noise = torch.randn((len(chunk), 2, *chunk.shape[2:]), generator=g, device=device)
             losses.append(ema(chunk, t=t, noise=noise).item() * len(chunk))
         truth = batch[:n_samples]
-        ab = ema.sample(truth[:, :1], steps=steps, generator=g)
+        ab = ema.sample(truth[:, :1], generator=g)
     grey = torch.cat([truth[:, :1], torch.zeros_like(truth[:, 1:])], 1)
     rows = [lab_to_rgb(x) for x in (grey, torch.cat([truth[:, :1], ab.float()], 1), truth)]
-    grid = torch.cat([torch.cat(list(r), dim=-1) for r in rows], dim=-2)  # 3 rows, n_samples columns
-    return sum(losses) / len(batch), tensor_to_pil(grid)
+    return sum(losses) / len(batch), to_pil_image(make_grid(torch.cat(rows), nrow=len(truth), padding=0))
 
 
 def main(argv=None):
@@ -126,16 +106,18 @@ def main(argv=None):
         raise ValueError("--init starts a new run and --resume continues one: pass one of them")
     if resume:
         ckpt = load_checkpoint(ckpt_path)
-        changed = [k for k in MODEL_FIELDS if k in given and given[k] != Config.from_dict(ckpt["config"]).__dict__[k]]
+        old = Config.from_dict(ckpt["config"])
+        changed = [k for k in Config.model_fields() if k in given and given[k] != getattr(old, k)]
         if changed:
             raise ValueError(f"cannot change the model's {', '.join(changed)} when resuming")
         config = Config.from_dict({**ckpt["config"], **given})
     else:
         if init:  # the model (its fields, weights and the mean colour sampling starts from) comes from there
             init_ckpt = load_checkpoint(init)
-            kept = {k: v for k, v in init_ckpt["config"].items() if k in MODEL_FIELDS + ("ab_mean",)}
-            changed = [k for k in MODEL_FIELDS if k in given and given[k] != Config.from_dict(kept).__dict__[k]
-                       and k != "hints"]  # hint inputs can be added: they start at zero (add_inputs)
+            kept = {k: v for k, v in init_ckpt["config"].items() if k in Config.model_fields() + ("ab_mean",)}
+            old = Config.from_dict(kept)
+            # hint inputs can be added: they start at zero (add_inputs)
+            changed = [k for k in Config.model_fields() if k in given and given[k] != getattr(old, k) and k != "hints"]
             kept["hints"] = given.get("hints", kept.get("hints", False))
             if changed:
                 raise ValueError(f"cannot change the model's {', '.join(changed)} when fine-tuning (--init)")
@@ -152,7 +134,7 @@ def main(argv=None):
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    use_amp = config.amp == "on" or (config.amp == "auto" and bf16_is_fast(device))
+    use_amp = use_bf16(device, config.amp)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if use_amp else nullcontext()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

@@ -9,6 +9,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 
@@ -57,16 +58,17 @@ class Attention(nn.Module):
         self.out = nn.Conv2d(heads * dim_head, dim, 1)
 
     def forward(self, x):
-        b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, -1, h * w).unbind(1)  # b heads d n
+        h, w = x.shape[-2:]
+        q, k, v = rearrange(self.qkv(self.norm(x)), "b (qkv heads d) h w -> qkv b heads d (h w)", qkv=3,
+                            heads=self.heads)
         if self.linear:  # linear attention: softmax over features for q, over pixels for k; O(n)
             q, k = q.softmax(dim=-2) * q.shape[-2] ** -0.5, k.softmax(dim=-1)
             context = torch.einsum("bhdn,bhen->bhde", k, v)
             out = torch.einsum("bhde,bhdn->bhen", context, q)
         else:
-            out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-            out = out.transpose(-1, -2)
-        return x + self.out(out.reshape(b, -1, h, w))
+            out = F.scaled_dot_product_attention(*(rearrange(z, "b heads d n -> b heads n d") for z in (q, k, v)))
+            out = rearrange(out, "b heads n d -> b heads d n")
+        return x + self.out(rearrange(out, "b heads d (h w) -> b (heads d) h w", h=h, w=w))
 
 
 def downsample(dim_in, dim_out):

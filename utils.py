@@ -85,7 +85,7 @@ def fit_to_gamut(lab: torch.Tensor, iters: int = 12, tol: float = 1e-5) -> torch
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL RGB image -> (1, 3, H, W) float in [0, 1]."""
+    """PIL image (any mode PIL converts to RGB) -> (1, 3, H, W) float in [0, 1]."""
     arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
 
@@ -160,6 +160,11 @@ def pick_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but no CUDA GPU is available")
     return torch.device(name)
+
+
+def use_bf16(device: torch.device, amp="auto") -> bool:
+    """Whether to compute in bf16 autocast: "on"/"off" (or True/False) as asked; "auto" (or None) where fast."""
+    return bf16_is_fast(device) if amp in ("auto", None) else amp in ("on", True)
 
 
 def bf16_is_fast(device: torch.device) -> bool:

@@ -44,7 +44,8 @@ def test_checkpoint_round_trip_gives_identical_samples(tiny_config, tmp_path):
     L = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(9)) * 2 - 1
     loaded = load_model(str(path))
     assert not loaded.training and loaded.config == tiny_config
-    for kwargs in (dict(steps=5), dict(steps=5, eta=1.0, dynamic_thresholding=True), dict(sampler="ddpm"), dict(sampler="dpm++2m", steps=4, eta=1.0)):
+    for kwargs in (dict(steps=5), dict(steps=5, eta=1.0, dynamic_thresholding=True), dict(sampler="ddpm"),
+                   dict(sampler="dpm++2m", steps=4, eta=1.0)):
         assert torch.equal(_sample(loaded, L, 0, **kwargs), _sample(ema, L, 0, **kwargs)), kwargs
     raw = load_model(str(path), use_ema=False)
     assert torch.equal(_sample(raw, L, 0, steps=5), _sample(m, L, 0, steps=5))
@@ -90,7 +91,8 @@ def test_exported_checkpoint_is_fp16_ema_and_samples_closely(tiny_config, tmp_pa
     ("timesteps", 1, "timesteps"), ("ab_scale", 0.0, "ab_scale"), ("sample_min_signal", 1.0, "sample_min_signal"),
     ("ema_decay", 1.0, "ema_decay"), ("batch_size", 0, "batch_size"), ("amp", "maybe", "amp"),
     ("device", "tpu", "device"), ("val_percent", 100.0, "val_percent"), ("dim_mults", (1, 0), "dim_mults"),
-    ("cond_drop", 1.0, "cond_drop"), ("guidance", -1.0, "guidance")])
+    ("cond_drop", 1.0, "cond_drop"), ("guidance", -1.0, "guidance"), ("sampler", "euler", "sampler must be one of"),
+    ("sample_steps", 0, "sample_steps")])
 def test_config_rejects_values_that_would_fail_later(field, value, message):
     with pytest.raises(ValueError, match=message):
         Config(**{field: value})
@@ -138,3 +140,12 @@ def test_load_checkpoint_rejects_bad_files(tmp_path):
     torch.save({"config": {}, "model": NotATensor()}, code)
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         load_checkpoint(str(code))
+
+
+def test_an_older_checkpoint_samples_as_it_always_did():
+    """A config saved before the sampling fields existed (and with a knob since removed) loads, and samples
+    with DDIM 100, eta 1: the defaults of its day."""
+    old = {k: v for k, v in Config().to_dict().items() if k not in ("sampler", "sample_steps", "sample_eta", "hints")}
+    c = Config.from_dict({**old, "snr_floor_cap": 20.0})
+    assert (c.sampler, c.sample_steps, c.sample_eta, c.hints) == ("ddim", 100, 1.0, False)
+    assert "image_size" in Config.model_fields() and "lr" not in Config.model_fields()

@@ -39,11 +39,20 @@ def test_rgb_to_lab_agrees_with_scikit_image():
     assert ours[0, 0, 0, 1].item() == pytest.approx(1, abs=1e-5)
 
 
-def test_lab_to_rgb_clips_out_of_gamut_colours():
-    lab = torch.tensor([0.0, 1.0, -1.0]).view(1, 3, 1, 1).expand(1, 3, 4, 4)  # a=+110, b=-110: outside sRGB
-    rgb = utils.lab_to_rgb(lab)
-    assert torch.isfinite(rgb).all() and rgb.min() >= 0 and rgb.max() <= 1
-
+def test_fit_to_gamut_keeps_lightness_and_hue_and_only_shrinks_chroma():
+    g = torch.Generator().manual_seed(2)
+    lab = torch.cat([torch.rand(1, 1, 16, 16, generator=g) * 1.8 - 0.9,
+                     torch.rand(1, 2, 16, 16, generator=g) * 2 - 1], dim=1)  # ab up to +-110: mostly outside sRGB
+    fitted = utils.fit_to_gamut(lab)
+    assert torch.equal(fitted[:, 0], lab[:, 0])  # L untouched
+    scale = fitted[:, 1:].norm(dim=1) / lab[:, 1:].norm(dim=1)
+    assert scale.max() <= 1 + 1e-6 and scale.min() < 0.5  # chroma only shrinks, and really had to here
+    cross = fitted[:, 1] * lab[:, 2] - fitted[:, 2] * lab[:, 1]  # same direction in the ab plane: the hue
+    assert cross.abs().max() < 1e-5 and (fitted[:, 1:] * lab[:, 1:]).sum(dim=1).min() >= 0
+    rgb = utils.lab_to_rgb(fitted)  # in gamut now: lab_to_rgb's clipping no longer changes anything
+    assert (utils.rgb_to_lab(rgb) - fitted).abs().max() < 2e-3
+    inside = torch.tensor([0.2, 0.1, 0.05]).view(1, 3, 1, 1)
+    assert torch.equal(utils.fit_to_gamut(inside), inside)
 
 
 def test_is_greyscale():
