@@ -20,7 +20,7 @@ import sys
 
 # first: inference sets OMP_WAIT_POLICY before torch starts OpenMP (see there)
 from inference import (DEFAULT_CHECKPOINT, add_sampling_args, check_sampling_args, colorize_batch, fast_unet,
-                       sampling_kwargs)
+                       load_hints, sampling_kwargs)
 import numpy as np
 import torch
 from PIL import Image, ImageOps
@@ -73,24 +73,56 @@ def scores(out, truth):
     return peak_signal_noise_ratio(truth, out, data_range=255), de.mean(), (de > GROSS).mean(), colourfulness(out)
 
 
-def evaluate(model, photos, batch_size=16, seed=0, unet=None, **sampling):
-    """photos: colour PIL images. Colorizes each one's PIL greyscale as inference.py does (`unet`: its runtime);
-    returns ({metric: mean}, outputs)."""
+def simulated_hints(photo: Image.Image, n, rng, size=5) -> Image.Image:
+    """A simulated user (as Zhang et al. 2017 evaluate): n random squares of `size` pixels revealed in the
+    photo's true mean colour there, as an RGBA hint image (inference.load_hints reads it)."""
+    arr = np.asarray(photo)
+    h, w = arr.shape[:2]
+    hint = np.zeros((h, w, 4), np.uint8)
+    for _ in range(n):
+        y, x = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
+        hint[y:y + size, x:x + size, :3] = arr[y:y + size, x:x + size].reshape(-1, 3).mean(0).round()
+        hint[y:y + size, x:x + size, 3] = 255
+    return Image.fromarray(hint, "RGBA")
+
+
+def at_hints(out, hint):
+    """Mean CIEDE2000 between the output and the hinted colour at the hinted pixels, both at the output's L."""
+    mask = np.asarray(hint)[..., 3] > 0
+    if not mask.any():
+        return np.nan
+    lab_out, lab_hint = rgb2lab(out), rgb2lab(np.asarray(hint)[..., :3])
+    lab_hint[..., 0] = lab_out[..., 0]
+    return deltaE_ciede2000(lab_out[mask], lab_hint[mask]).mean()
+
+
+def evaluate(model, photos, batch_size=16, seed=0, unet=None, hints=None, **sampling):
+    """photos: colour PIL images. Colorizes each one's PIL greyscale as inference.py does (`unet`: its runtime),
+    with `hints` (per photo, an RGBA hint image) if given; then also the error at the hinted pixels, and the
+    diversity away from them (the mean CIEDE2000 between two samples there). Returns ({metric: mean}, outputs)."""
     greys = [p.convert("L") for p in photos]
+    samples = 1 if hints is None else 2
     outputs = []
     for start in tqdm(range(0, len(photos), batch_size), desc="colorizing", leave=False):
-        results = colorize_batch(model, greys[start:start + batch_size], seed=seed + start, batch_size=batch_size,
-                                 unet=unet, **sampling)
-        outputs += [r[0] for r in results]
+        chunk = slice(start, start + batch_size)
+        hint = None if hints is None else [load_hints(h, p.size) if h.getextrema()[3][1] else None
+                                           for h, p in zip(hints[chunk], photos[chunk])]
+        outputs += colorize_batch(model, greys[chunk], num_samples=samples, seed=seed + start,
+                                  batch_size=batch_size * samples, unet=unet, hints=hint, **sampling)
     rows = []
-    for photo, grey, out in zip(photos, greys, outputs):
-        truth = np.asarray(photo)
-        rows.append(scores(np.asarray(out), truth) + scores(np.asarray(grey.convert("RGB")), truth)
-                    + (colourfulness(truth),))
-    m = dict(zip(("psnr", "de", "gross", "cf", "psnr_grey", "de_grey", "gross_grey", "cf_grey", "cf_truth"),
-                 np.mean(rows, axis=0).tolist()))
+    for k, (photo, grey, outs) in enumerate(zip(photos, greys, outputs)):
+        truth, out = np.asarray(photo), np.asarray(outs[0])
+        row = scores(out, truth) + scores(np.asarray(grey.convert("RGB")), truth) + (colourfulness(truth),)
+        if hints is not None:
+            away = np.asarray(hints[k])[..., 3] == 0
+            row += (at_hints(out, hints[k]), deltaE_ciede2000(rgb2lab(out), rgb2lab(np.asarray(outs[1])))[away].mean())
+        rows.append(row)
+    names = ("psnr", "de", "gross", "cf", "psnr_grey", "de_grey", "gross_grey", "cf_grey", "cf_truth", "hint_de",
+             "diversity")
+    # the error at the hints is left out (nan) for photos without any
+    m = {k: float(np.nanmean(col)) if np.isfinite(col).any() else np.nan for k, col in zip(names, np.array(rows).T)}
     m["dcf"] = abs(m["cf"] - m["cf_truth"])
-    return m, outputs
+    return m, [outs[0] for outs in outputs]
 
 
 def table(results):
@@ -107,6 +139,41 @@ def table(results):
         lines.append(f"| {name} | {label} | {m['psnr']:.2f} | {m['de']:.2f} | {100 * m['gross']:.1f}% | "
                      f"{m['cf']:.1f} ({m['cf_truth']:.1f}) | {m['dcf']:.1f} |")
     return "\n".join(lines)
+
+
+def hints_table(results):
+    lines = ["| checkpoint | hints | PSNR (dB) ↑ | CIEDE2000 ↓ | CIEDE2000 at the hints ↓ | diversity away from them |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {label} | {n} | {m['psnr']:.2f} | {m['de']:.2f} | "
+              f"{'–' if np.isnan(m['hint_de']) else format(m['hint_de'], '.2f')} | {m['diversity']:.2f} |"
+              for label, n, m in results]
+    return "\n".join(lines)
+
+
+def hints_plot(results, width=480, height=300, pad=50):
+    """PSNR against the number of hints, as Zhang et al. plot it: an SVG line per checkpoint (no plotting
+    library needed), the x axis on a log(1 + n) scale."""
+    xs = sorted({n for _, n, _ in results})
+    ys = [m["psnr"] for _, _, m in results]
+    lo, hi = np.floor(min(ys)), np.ceil(max(ys))
+    X = lambda n: pad + (width - 2 * pad) * np.log1p(n) / np.log1p(max(xs) or 1)  # noqa: E731
+    Y = lambda v: height - pad - (height - 2 * pad) * (v - lo) / max(hi - lo, 1e-6)  # noqa: E731
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{width / 2}" y="{height - 10}" text-anchor="middle">simulated hints (clicks)</text>',
+           f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" text-anchor="middle">'
+           'PSNR (dB)</text>']
+    for n in xs:
+        out.append(f'<text x="{X(n):.1f}" y="{height - pad + 16}" text-anchor="middle">{n}</text>')
+    for v in np.arange(lo, hi + 0.5):
+        out.append(f'<line x1="{pad}" x2="{width - pad}" y1="{Y(v):.1f}" y2="{Y(v):.1f}" stroke="#ddd"/>'
+                   f'<text x="{pad - 6}" y="{Y(v) + 4:.1f}" text-anchor="end">{v:.0f}</text>')
+    for i, label in enumerate(dict.fromkeys(label for label, _, _ in results)):
+        pts = " ".join(f"{X(n):.1f},{Y(m['psnr']):.1f}" for lab, n, m in results if lab == label)
+        colour = ["#1f77b4", "#d62728", "#2ca02c"][i % 3]
+        out.append(f'<polyline points="{pts}" fill="none" stroke="{colour}" stroke-width="2"/>'
+                   f'<text x="{pad + 4}" y="{pad - 10 - 14 * i}" fill="{colour}">{label.split(":")[0]}</text>')
+    return "\n".join(out + ["</svg>"])
 
 
 def grid(rows, n=8, height=96):
@@ -145,6 +212,8 @@ def main(argv=None):
     p.add_argument("--offset", type=int, default=0,
                    help="start the evenly spaced choice of photos here: tune on one offset, report on another")
     p.add_argument("--views", default=",".join(VIEWS), help=f"comma-separated, of {', '.join(VIEWS)}")
+    p.add_argument("--hints", help="comma-separated numbers of simulated clicks, e.g. 0,1,2,5,10,20,50: colour "
+                   "hints revealed from the truth, whole photos only (writes hints.md and hints.svg)")
     add_sampling_args(p)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
@@ -156,6 +225,11 @@ def main(argv=None):
     views = args.views.split(",")
     if not set(views) <= set(VIEWS) or args.num_images < 1:
         p.error(f"--views must name some of {', '.join(VIEWS)}; --num-images must be at least 1")
+    try:
+        clicks = [int(n) for n in args.hints.split(",")] if args.hints else None
+        assert clicks is None or min(clicks) >= 0
+    except (ValueError, AssertionError):
+        p.error("--hints takes comma-separated numbers of clicks, e.g. 0,1,2,5,10")
 
     photos = load_photos(args.data, args.num_images, args.offset)
     device = pick_device(args.device)
@@ -172,6 +246,17 @@ def main(argv=None):
         if shown["sampler"] == "ddpm":
             shown.pop("steps"), shown.pop("eta")
         label = f"{os.path.basename(path)}: " + ", ".join(f"{k} {v}" for k, v in shown.items())
+        if clicks is not None:  # the same clicks for every checkpoint: a generator per (seed, photo)
+            for n in clicks:
+                hints = [simulated_hints(p, n, np.random.default_rng([args.seed, k])) for k, p in enumerate(photos)]
+                m, outputs = evaluate(model, photos, args.batch_size, args.seed, unet, hints, **sampling)
+                results.append((label, n, m))
+                shown_hints = [Image.alpha_composite(p.convert("L").convert("RGBA"), h) for p, h in zip(photos, hints)]
+                rows += [shown_hints, outputs]
+                print(f"{n} hints, {label}: PSNR {m['psnr']:.2f} dE00 {m['de']:.2f} at hints {m['hint_de']:.2f} "
+                      f"diversity {m['diversity']:.2f}", file=sys.stderr)
+            rows.append(photos)
+            continue
         for name in views:
             framed = [view(photo, name, k) for k, photo in enumerate(photos)]
             m, outputs = evaluate(model, framed, args.batch_size, args.seed, unet, **sampling)
@@ -179,9 +264,14 @@ def main(argv=None):
             rows += [[f.convert("L") for f in framed], outputs, framed]
             print(f"{name}, {label}: PSNR {m['psnr']:.2f} dE00 {m['de']:.2f} gross {100 * m['gross']:.1f}% "
                   f"dCF {m['dcf']:.1f}", file=sys.stderr)
-    md = table(results)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "eval.md"), "w") as f:
+    if clicks is not None:
+        md = hints_table(results)
+        with open(os.path.join(args.out, "hints.svg"), "w") as f:
+            f.write(hints_plot(results))
+    else:
+        md = table(results)
+    with open(os.path.join(args.out, "hints.md" if clicks is not None else "eval.md"), "w") as f:
         f.write(f"{len(photos)} photos of {os.path.basename(os.path.normpath(args.data))} (offset {args.offset}), "
                 f"seed {args.seed}, greyscale by PIL\n\n{md}\n")
     grid(rows).save(os.path.join(args.out, "grid.png"))

@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 
 # OpenMP threads that spin while they wait for each other collapse when another process keeps the cores busy:
 # one step of the default model went from ~30 ms to 0.2-1.8 s on 2 cores beside a training run, and stayed
@@ -219,7 +220,9 @@ class OpenVINOUNet:
             c = model.config
             L = torch.zeros(1, 1, c.image_size, c.image_size)
             x = torch.zeros(1, model.unet.init_conv.in_channels, c.image_size, c.image_size)
-            with torch.no_grad():
+            print("note: converting the model for OpenVINO, once for this checkpoint", file=sys.stderr)
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the tracer's warnings about torch.jit are for developers
                 converted = ov.convert_model(_UNetCall(model.unet).float().eval(),
                                              example_input=(x, torch.zeros(1, dtype=torch.long), *model.encoder(L)))
             os.makedirs(CACHE, exist_ok=True)

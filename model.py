@@ -173,20 +173,31 @@ def dynamic_threshold(x0, percentile=0.995, bound=1.0):
     return x0.clamp(-s, s) * (bound / s)
 
 
+def timesteps(alphas_cumprod, steps):
+    """[(t, a_t, a_next)]: `steps` evenly spaced timesteps from the noisiest, a_next = 1 after the last."""
+    T = len(alphas_cumprod)
+    ts = torch.linspace(T - 1, 0, min(steps, T)).round().long().tolist()
+    a = [alphas_cumprod[t].item() for t in ts] + [1.0]
+    return [(t, a[i], a[i + 1]) for i, t in enumerate(ts)]
+
+
+def denoised(denoise, x, t, a_t, threshold):
+    """(x0, eps) at x = x_t: the model's clean sample, thresholded if asked, and the noise consistent with it."""
+    eps = denoise(x, t).float()
+    x0 = predict_x0(x, eps, a_t)
+    if threshold is not None:
+        x0 = threshold(x0)
+        eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+    return x0, eps
+
+
 def ddim_sample(denoise, x, alphas_cumprod, steps, eta=0.0, generator=None, threshold=None, callback=None):
     """DDIM (Song et al.) from x = x_T over `steps` evenly spaced timesteps. eta=0 is deterministic, eta=1
     adds DDPM's posterior noise; above 1 more of x_t is fresh noise, up to sigma = sqrt(1 - a_prev) (x0 re-noised
     from scratch), the most for which x_{t-1} keeps the forward process's marginals."""
-    T = len(alphas_cumprod)
-    ts = torch.linspace(T - 1, 0, min(steps, T)).round().long().tolist()
-    for i, t in enumerate(ts):
-        a_t = alphas_cumprod[t].item()
-        a_prev = alphas_cumprod[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
-        eps = denoise(x, t).float()
-        x0 = predict_x0(x, eps, a_t)
-        if threshold is not None:
-            x0 = threshold(x0)
-            eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+    ts = timesteps(alphas_cumprod, steps)
+    for i, (t, a_t, a_prev) in enumerate(ts):
+        x0, eps = denoised(denoise, x, t, a_t, threshold)
         var = min(eta ** 2 * (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev), 1 - a_prev)
         sigma = math.sqrt(var)
         x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - var) * eps
@@ -208,16 +219,10 @@ def dpmpp_2m_sample(denoise, x, alphas_cumprod, steps, eta=0.0, generator=None, 
     log-SNR, on the x0 prediction; with eta > 0 its SDE variant (k-diffusion's sample_dpmpp_2m_sde, midpoint),
     eta = 1 the reverse SDE. Written for x = x_t of the variance-preserving process, alpha = sqrt(a_t),
     sigma = sqrt(1 - a_t); h is the step in lambda = log(alpha / sigma)."""
-    T = len(alphas_cumprod)
-    ts = torch.linspace(T - 1, 0, min(steps, T)).round().long().tolist()
+    ts = timesteps(alphas_cumprod, steps)
     old_x0, h_last = None, None
-    for i, t in enumerate(ts):
-        a_t = alphas_cumprod[t].item()
-        a_next = alphas_cumprod[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
-        eps = denoise(x, t).float()
-        x0 = predict_x0(x, eps, a_t)
-        if threshold is not None:
-            x0 = threshold(x0)
+    for i, (t, a_t, a_next) in enumerate(ts):
+        x0, _ = denoised(denoise, x, t, a_t, threshold)
         if a_next >= 1.0:  # the last step lands on the clean sample
             x = x0
         else:
@@ -420,13 +425,18 @@ def load_model(path, device="cpu", use_ema=True):
     return model.to(device, memory_format=torch.channels_last).eval()
 
 
-def export_inference_checkpoint(src, dst, sample_min_signal=None, guidance=None):
-    """Keep only what inference needs: the EMA weights in fp16 and the config. The sampling defaults, if given,
-    replace the run's: where sampling starts and how strongly it is guided are best chosen by evaluation."""
+SAMPLING_FIELDS = ("sampler", "sample_steps", "sample_eta", "sample_min_signal", "guidance")
+
+
+def export_inference_checkpoint(src, dst, **sampling):
+    """Keep only what inference needs: the EMA weights in fp16 and the config. Sampling settings given (of
+    SAMPLING_FIELDS) replace the run's: how a checkpoint samples best is chosen by evaluation."""
     ckpt = load_checkpoint(src)
     weights = ckpt.get("ema", ckpt.get("model"))
-    sampling = {"sample_min_signal": sample_min_signal, "guidance": guidance}
-    config = {**ckpt["config"], **{k: v for k, v in sampling.items() if v is not None}}
-    config = Config.from_dict(config).to_dict()  # validated before it is written
+    unknown = set(sampling) - set(SAMPLING_FIELDS)
+    if unknown:
+        raise ValueError(f"an export can set only the sampling settings ({', '.join(SAMPLING_FIELDS)}), "
+                         f"not {', '.join(sorted(unknown))}")
+    config = Config.from_dict({**ckpt["config"], **sampling}).to_dict()  # validated before it is written
     save_checkpoint(dst, {"config": config, "ema": {k: v.half() for k, v in weights.items()},
                           "step": ckpt.get("step", 0)})

@@ -42,8 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--init", metavar="PATH", help="start a new run from the weights of this checkpoint (training "
                    "or shipped, e.g. checkpoints/celeba64.pt): fine-tuning. Its model fields and ab_mean are kept")
     p.add_argument("--export", metavar="PATH", help="write <out-dir>/ckpt.pt's EMA weights (fp16) and config to "
-                   "PATH for inference, e.g. checkpoints/celeba64.pt, and exit (with --sample-min-signal or "
-                   "--guidance: those sampling defaults instead of the run's)")
+                   "PATH for inference, e.g. checkpoints/celeba64.pt, and exit; --sampler, --sample-steps, "
+                   "--sample-eta, --sample-min-signal and --guidance set its sampling defaults")
     args = vars(p.parse_args(argv))
     return args.pop("resume"), args.pop("init"), args.pop("export"), args
 
@@ -98,7 +98,8 @@ def main(argv=None):
     out_dir = given.get("out_dir", Config.out_dir)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if export:
-        export_inference_checkpoint(ckpt_path, export, given.get("sample_min_signal"), given.get("guidance"))
+        given.pop("out_dir", None)
+        export_inference_checkpoint(ckpt_path, export, **given)
         print(f"exported the EMA weights of {ckpt_path} to {export} ({os.path.getsize(export) / 2**20:.1f} MB)")
         return
     ckpt = None

@@ -60,7 +60,7 @@ class Attention(nn.Module):
     def forward(self, x):
         h, w = x.shape[-2:]
         q, k, v = rearrange(self.qkv(self.norm(x)), "b (qkv heads d) h w -> qkv b heads d (h w)", qkv=3,
-                            heads=self.heads)
+                            heads=self.heads).unbind(0)
         if self.linear:  # linear attention: softmax over features for q, over pixels for k; O(n)
             q, k = q.softmax(dim=-2) * q.shape[-2] ** -0.5, k.softmax(dim=-1)
             context = torch.einsum("bhdn,bhen->bhde", k, v)

@@ -66,3 +66,21 @@ def test_offset_chooses_other_photos(photo_dir):
     a, b = evaluate.load_photos(str(photo_dir), 4, 0), evaluate.load_photos(str(photo_dir), 4, 1)
     assert len(a) == len(b) == 4
     assert not any(np.array_equal(np.asarray(x), np.asarray(y)) for x in a for y in b)
+
+
+def test_hints_mode_simulates_clicks_and_reports_the_error_there(tiny_config, photo_dir, tmp_path):
+    config = Config(**{**tiny_config.to_dict(), "hints": True})
+    torch.manual_seed(0)
+    save_checkpoint(str(tmp_path / "h.pt"), {"config": config.to_dict(), "ema": ColorDiffusion(config).state_dict()})
+    photo = Image.open(next(photo_dir.iterdir())).convert("RGB")
+    hint = np.asarray(evaluate.simulated_hints(photo, 3, np.random.default_rng(0), size=4))
+    assert hint.shape == (*photo.size[::-1], 4) and 16 <= (hint[..., 3] > 0).sum() <= 48
+    out = tmp_path / "eval"
+    evaluate.main(["--checkpoint", str(tmp_path / "h.pt"), "--data", str(photo_dir), "--num-images", "3",
+                   "--steps", "2", "--hints", "0,2", "--out", str(out)])
+    rows = [line.split(" | ") for line in (out / "hints.md").read_text().splitlines() if line.startswith("| h.pt")]
+    assert [r[1] for r in rows] == ["0", "2"]
+    assert rows[0][4] == "–" and float(rows[1][4]) < 3  # hinted pixels take the hinted colour
+    assert all(float(r[5].rstrip(" |")) > 0 for r in rows)  # two samples differ away from the hints
+    import xml.etree.ElementTree as ET
+    assert ET.parse(out / "hints.svg").getroot().tag.endswith("svg")
