@@ -147,8 +147,8 @@ def build_demo(model, unet=None) -> gr.Blocks:
                                 cache_examples=False, elem_id="examples")
                 hints = gr.State([])
                 with gr.Accordion("Colour hints", open=c.hints, visible=c.hints):
-                    gr.Markdown("Pick a colour, then click on the photo below: that spot takes the colour and "
-                                "the region around it follows.")
+                    gr.Markdown("Pick a colour, then click on the photo below: that spot takes the colour, and "
+                                "the model colours its surroundings to suit.")
                     with gr.Row():
                         colour = gr.ColorPicker(value="#3060c0", label="Hint colour", elem_id="hint-colour")
                         clear = gr.Button("Clear hints", elem_id="clear-hints")

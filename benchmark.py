@@ -11,6 +11,8 @@
    our faithful DDPM loop, the previous default (DDIM 100, guided) and the shipped default (the checkpoint's
    sampler, OpenVINO on a CPU). The slow loops are extrapolated from timed steps; the shipped default is run.
 3. The whole command, as a user runs it: `python inference.py` on one photo, and on a folder of 32.
+4. The web page: app.py started, the seconds from a Colorize request to its result (gradio_client, through the
+   page's queue, as the browser sends it).
 """
 import argparse
 import os
@@ -105,6 +107,26 @@ def cpu_name():
         return platform.processor() or "unknown CPU"
 
 
+def web_latency(checkpoint, photo, repeats):
+    """Median seconds of the page's Colorize request (the server's queue, colorize(), the result's upload)."""
+    sys.path.insert(0, os.path.join(HERE, "tests"))
+    from browser import running_app
+    from gradio_client import Client, handle_file
+    with running_app(checkpoint) as url:
+        client = Client(url, verbose=False)
+        c = load_model(checkpoint).config
+        args = dict(photo=handle_file(photo), sampler=c.sampler, steps=c.sample_steps, start=c.sample_min_signal,
+                    guidance=c.guidance, num_samples=1, seed=0, random_seed=True, dynamic_thresholding=False,
+                    api_name="/run")
+        client.predict(**args)  # the first request compiles for this photo's shape
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            client.predict(**args)
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=inference.DEFAULT_CHECKPOINT)
@@ -176,8 +198,10 @@ def main(argv=None):
         subprocess.run([*cmd, "--image-path", folder, "--output", os.path.join(tmp, "out")], check=True,
                        capture_output=True)
         many = time.perf_counter() - t
-    print(f"| command | seconds | photos/s |\n|---|---|---|\n| one photo | {single:.2f} | {1 / single:.1f} |\n"
-          f"| a folder of {args.folder} | {many:.2f} | {args.folder / many:.1f} |")
+        print(f"| command | seconds | photos/s |\n|---|---|---|\n| one photo | {single:.2f} | {1 / single:.1f} |\n"
+              f"| a folder of {args.folder} | {many:.2f} | {args.folder / many:.1f} |")
+        print(f"\n## The web page: Colorize pressed to result shown (s), one {PHOTO[1]}x{PHOTO[0]} photo\n")
+        print(f"{web_latency(args.checkpoint, os.path.join(folder, '000.jpg'), repeats):.2f}")
 
 
 if __name__ == "__main__":

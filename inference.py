@@ -32,7 +32,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from model import SAMPLERS, CheckpointError, load_model, min_signal_check
+from model import SAMPLERS, CheckpointError, guidance_check, load_model, min_signal_check
 from utils import (IMAGE_EXTENSIONS, ImageError, bf16_is_fast, fit_to_gamut, is_greyscale, lab_to_rgb, list_images,
                    load_image, pick_device, pil_to_tensor, rgb_to_lab, save_image, tensor_to_pil, use_bf16)
 
@@ -449,7 +449,12 @@ def _load(args, device):
             raise CheckpointError(f"no model at {where}: train one with train.py, or pass --checkpoint PATH "
                                   "(e.g. runs/celeba64/ckpt.pt)")
         raise CheckpointError(f"{args.checkpoint}: no such checkpoint")
-    return load_model(args.checkpoint, device)
+    model = load_model(args.checkpoint, device)
+    if args.guidance is not None:  # before anything slow (a conversion for OpenVINO) starts
+        ok, message = guidance_check(args.guidance, model.config.cond_drop)
+        if not ok:
+            raise UsageError(message)
+    return model
 
 
 def _sampler_kwargs(args):

@@ -371,7 +371,10 @@ class ColorDiffusion(nn.Module):
             (L.shape[0], 2, *L.shape[2:]), generator=generator, device=L.device)
         # x0 is also kept in the data range (|ab_n| <= 1), or dynamically thresholded
         def threshold(x0):
-            return dynamic_threshold(x0, bound=s) if dynamic_thresholding else x0.clamp(-s, s)
+            x0 = dynamic_threshold(x0, bound=s) if dynamic_thresholding else x0.clamp(-s, s)
+            if hints is not None:  # the hinted pixels' colours are known: each step moves toward them there
+                x0 = torch.where(hints[:, 2:] > 0, hints[:, :2].to(x0.dtype) * s, x0)
+            return x0
         x = sampler(denoise, x, ac, steps, eta=eta, generator=generator, callback=callback, threshold=threshold)
         return x / s
 

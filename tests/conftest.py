@@ -67,6 +67,28 @@ def bad_dir(tmp_path_factory):
 BAD_FILES = ("text.jpg", "empty.png", "truncated.jpg", "grey.jpg")
 
 
+TINY_MODEL = dict(dim=8, dim_mults=(1, 2), image_size=16, timesteps=20)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """make(**fields) -> the path of a random-init checkpoint of a tiny model (dim 8, two levels, 16 px, 20
+    timesteps) with those Config fields changed. The same fields give the same file, made once a session."""
+    from model import ColorDiffusion, Config, save_checkpoint
+    made = {}
+
+    def make(**fields):
+        key = tuple(sorted(fields.items()))
+        if key not in made:
+            config = Config(**{**TINY_MODEL, **fields})
+            torch.manual_seed(0)
+            path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+            save_checkpoint(str(path), {"config": config.to_dict(), "ema": ColorDiffusion(config).state_dict()})
+            made[key] = str(path)
+        return made[key]
+    return make
+
+
 @pytest.fixture
 def tiny_config(tmp_path):
     from model import Config

@@ -9,6 +9,7 @@ Re-take the README screenshot with: python tests/browser.py
 import base64
 import io
 import os
+import shutil
 import subprocess
 import sys
 
@@ -18,7 +19,6 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from model import ColorDiffusion, Config, save_checkpoint  # noqa: E402
 from browser import (CHROMIUM, add_hint, colorize_and_wait, launch_chromium, open_app, running_app,  # noqa: E402
                      sample_urls, set_samples, wait_for_new_samples)
 
@@ -26,12 +26,10 @@ W, H = 120, 90  # not square: the result must keep the input's exact size
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, tiny_checkpoint):
     d = tmp_path_factory.mktemp("app")
-    # trained for guidance, and guided by default: the UI's default path is the guided sampler
-    model = ColorDiffusion(Config(dim=8, dim_mults=(1, 2), image_size=16, timesteps=20, cond_drop=0.1, guidance=1.5,
-                                  hints=True))
-    save_checkpoint(d / "tiny.pt", {"config": model.config.to_dict(), "model": model.state_dict()})
+    # trained for guidance and hints, and guided by default: the page's default path is the guided sampler
+    shutil.copy(tiny_checkpoint(cond_drop=0.1, guidance=1.5, hints=True), d / "tiny.pt")
     y, x = np.mgrid[0:H, 0:W]
     grey = (x * 2 + y) * 255 // (2 * W + H)
     Image.fromarray(grey.astype(np.uint8), "L").save(d / "grey.png")

@@ -1,11 +1,11 @@
 """evaluate.py: the metrics mean what they say, the views re-frame, and a run writes its table and grid."""
+import shutil
+
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import evaluate
-from model import ColorDiffusion, Config, save_checkpoint
 
 
 def test_metrics_on_known_images():
@@ -39,13 +39,10 @@ def test_views_reframe_the_photo():
     assert (rotated == (200, 150, 120)).all(), "cropped inside the rotated picture: no empty corners"
 
 
-def test_evaluate_writes_table_and_grid_for_several_checkpoints(tiny_config, photo_dir, tmp_path):
+def test_evaluate_writes_table_and_grid_for_several_checkpoints(tiny_checkpoint, photo_dir, tmp_path):
     paths = []
     for name, guidance in (("a", 1.0), ("b", 1.5)):
-        config = Config(**{**tiny_config.to_dict(), "cond_drop": 0.1, "guidance": guidance})
-        torch.manual_seed(0)
-        save_checkpoint(str(tmp_path / f"{name}.pt"), {"config": config.to_dict(),
-                                                       "ema": ColorDiffusion(config).state_dict()})
+        shutil.copy(tiny_checkpoint(cond_drop=0.1, guidance=guidance), tmp_path / f"{name}.pt")
         paths += ["--checkpoint", str(tmp_path / f"{name}.pt")]
     out = tmp_path / "eval"
     evaluate.main(paths + ["--data", str(photo_dir), "--num-images", "3", "--steps", "2", "--views",
@@ -68,10 +65,8 @@ def test_offset_chooses_other_photos(photo_dir):
     assert not any(np.array_equal(np.asarray(x), np.asarray(y)) for x in a for y in b)
 
 
-def test_hints_mode_simulates_clicks_and_reports_the_error_there(tiny_config, photo_dir, tmp_path):
-    config = Config(**{**tiny_config.to_dict(), "hints": True})
-    torch.manual_seed(0)
-    save_checkpoint(str(tmp_path / "h.pt"), {"config": config.to_dict(), "ema": ColorDiffusion(config).state_dict()})
+def test_hints_mode_simulates_clicks_and_reports_the_error_there(tiny_checkpoint, photo_dir, tmp_path):
+    shutil.copy(tiny_checkpoint(hints=True), tmp_path / "h.pt")
     photo = Image.open(next(photo_dir.iterdir())).convert("RGB")
     hint = np.asarray(evaluate.simulated_hints(photo, 3, np.random.default_rng(0), size=4))
     assert hint.shape == (*photo.size[::-1], 4) and 16 <= (hint[..., 3] > 0).sum() <= 48

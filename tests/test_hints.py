@@ -5,20 +5,17 @@ import torch
 from PIL import Image
 
 import inference
-from model import ColorDiffusion, Config, save_checkpoint
+from conftest import TINY_MODEL
+from model import ColorDiffusion, Config
 from utils import ImageError, rgb_to_lab
 
-HINTED = Config(dim=8, dim_mults=(1, 2), image_size=16, timesteps=20, hints=True)
+HINTED = Config(**TINY_MODEL, hints=True)
 COLOUR = (60, 150, 90)  # a mid green, inside sRGB at any lightness near its own
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpts")
-    for name, config in (("hinted", HINTED), ("plain", Config(**{**HINTED.to_dict(), "hints": False}))):
-        torch.manual_seed(0)
-        save_checkpoint(str(d / f"{name}.pt"), {"config": config.to_dict(), "ema": ColorDiffusion(config).state_dict()})
-    return d
+def ckpts(tiny_checkpoint):
+    return {"hinted": tiny_checkpoint(hints=True), "plain": tiny_checkpoint()}
 
 
 def hint_file(path, size, spots):
@@ -53,7 +50,7 @@ def test_bad_hint_files_are_one_line_errors(make, message, tmp_path, ckpts, caps
     Image.new("L", (20, 16), 128).save(tmp_path / "g.png")
     make(tmp_path / "h.png")
     code = inference.main(["--image-path", str(tmp_path / "g.png"), "--hints", str(tmp_path / "h.png"),
-                           "--output", str(tmp_path / "o.png"), "--checkpoint", str(ckpts / "hinted.pt")])
+                           "--output", str(tmp_path / "o.png"), "--checkpoint", ckpts["hinted"]])
     err = capsys.readouterr().err.strip()
     assert code == 1 and err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "o.png").exists()
@@ -66,14 +63,31 @@ def test_hinted_pixels_take_the_hinted_colour(tmp_path, ckpts, capsys):
     hint_file(tmp_path / "h.png", (20, 16), [(5, 5), (14, 9)])
     args = ["--image-path", str(tmp_path / "g.png"), "--steps", "3", "--seed", "0"]
     assert inference.main(args + ["--hints", str(tmp_path / "h.png"), "--output", str(tmp_path / "o.png"),
-                                  "--checkpoint", str(ckpts / "hinted.pt")]) == 0
+                                  "--checkpoint", ckpts["hinted"]]) == 0
     out = np.asarray(Image.open(tmp_path / "o.png").convert("RGB"))
     for x, y in [(5, 5), (14, 9)]:  # the hint's colour (ab) at the photo's own lightness
         assert (ab_of(out[y, x]) - ab_of(COLOUR)).abs().max() * 110 < 2, out[y, x]
     assert (ab_of(out[0, 0]) - ab_of(COLOUR)).abs().max() * 110 > 2  # a random model: elsewhere, other colours
     code = inference.main(args + ["--hints", str(tmp_path / "h.png"), "--output", str(tmp_path / "p.png"),
-                                  "--checkpoint", str(ckpts / "plain.pt")])
+                                  "--checkpoint", ckpts["plain"]])
     assert code == 1 and "not trained with colour hints" in capsys.readouterr().err
     code = inference.main(["--image-path", str(tmp_path), "--hints", str(tmp_path / "h.png"),
-                           "--checkpoint", str(ckpts / "hinted.pt")])
+                           "--checkpoint", ckpts["hinted"]])
     assert code == 1 and "single image" in capsys.readouterr().err
+
+
+def test_sampling_moves_hinted_pixels_to_their_colour_at_every_step():
+    """Training-free, as in RePaint: the model's x0 at hinted pixels is replaced by the hint at each step, so the
+    sample there is the hinted colour and each x_t carries it for the model to see."""
+    torch.manual_seed(0)
+    model = ColorDiffusion(HINTED).eval()
+    L = torch.rand(2, 1, 16, 16) * 2 - 1
+    hints = torch.zeros(2, 3, 16, 16)
+    hints[:, :2, 4:6, 7:9], hints[:, 2, 4:6, 7:9] = 0.3, 1
+    seen = []
+    ab = model.sample(L, steps=4, hints=hints, generator=torch.Generator().manual_seed(0),
+                      callback=lambda i, n, x, x0: seen.append(x0))
+    assert torch.allclose(ab[:, :, 4:6, 7:9], torch.full((2, 2, 2, 2), 0.3), atol=1e-5)
+    assert all(torch.allclose(x0[:, :, 4:6, 7:9] / HINTED.ab_scale, torch.full((2, 2, 2, 2), 0.3)) for x0 in seen)
+    free = model.sample(L, steps=4, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(free[:, :, 4:6, 7:9], ab[:, :, 4:6, 7:9])

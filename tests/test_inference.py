@@ -16,19 +16,16 @@ from PIL import Image, ImageOps
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import inference  # noqa: E402
+from conftest import TINY_MODEL  # noqa: E402
 from model import ColorDiffusion, Config, load_model, save_checkpoint  # noqa: E402
 from utils import rgb_to_lab  # noqa: E402
 
-TINY = Config(dim=8, dim_mults=(1, 2), image_size=16, timesteps=20)
+TINY = Config(**TINY_MODEL)
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    model = ColorDiffusion(TINY)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    save_checkpoint(str(path), {"config": TINY.to_dict(), "ema": model.state_dict()})
-    return str(path)
+def ckpt(tiny_checkpoint):
+    return tiny_checkpoint()
 
 
 @pytest.fixture

@@ -10,19 +10,13 @@ from PIL import Image
 
 import inference
 from conftest import ROOT
-from model import ColorDiffusion, Config, save_checkpoint
+from model import load_model
 
 pytest.importorskip("openvino")
-TINY = Config(dim=8, dim_mults=(1, 2), image_size=16, timesteps=20, cond_drop=0.1, guidance=1.5, hints=True)
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    torch.manual_seed(0)
-    model = ColorDiffusion(TINY).eval()
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    save_checkpoint(str(path), {"config": TINY.to_dict(), "ema": model.state_dict()})
-    return model, str(path)
+def tiny(tiny_checkpoint):
+    path = tiny_checkpoint(cond_drop=0.1, guidance=1.5, hints=True)
+    return load_model(path), path
 
 
 def test_openvino_unet_matches_torch(tiny, monkeypatch):
@@ -32,7 +26,7 @@ def test_openvino_unet_matches_torch(tiny, monkeypatch):
     for shape in [(1, 16, 16), (4, 24, 16)]:  # batch and shape change: compiled again for each
         L = torch.rand(shape[0], 1, *shape[1:], generator=g) * 2 - 1
         x = torch.cat([L, torch.randn(shape[0], 5, *shape[1:], generator=g)], 1)
-        t = torch.randint(0, TINY.timesteps, (shape[0],), generator=g)
+        t = torch.randint(0, model.config.timesteps, (shape[0],), generator=g)
         with torch.no_grad():
             feats = model.encoder(L)
             ref = model.unet(x, t, feats)

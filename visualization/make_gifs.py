@@ -1,9 +1,11 @@
-"""Make the README's GIFs from a checkpoint and whole photos of people it never trained on.
+"""Make the README's GIFs and hint figure from a checkpoint and whole photos of people it never trained on.
 
     python visualization/make_gifs.py --data ../shared/data/celeba_val
 
 forward_diffusion.gif: one photo's colour channels being noised, t = 0 .. T (L untouched).
 denoising.gif:         several photos colorized from colour noise, step by step (the faithful DDPM loop).
+hints.png:             (for a model trained with hints) a photo with two clicks on its background, in the true
+                       colour there: greyscale with the clicks | without hints | with them | the truth.
 """
 import argparse
 import os
@@ -14,7 +16,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch.nn.functional as F  # noqa: E402
 
-from inference import DEFAULT_CHECKPOINT, GifRecorder, colorize_batch, greyscale_rgb, model_input, model_size  # noqa
+from PIL import Image, ImageDraw  # noqa: E402
+
+from inference import (DEFAULT_CHECKPOINT, GifRecorder, colorize, colorize_batch, greyscale_rgb, load_hints,  # noqa
+                       model_input, model_size)
 from model import load_model, q_sample  # noqa: E402
 from utils import list_images, load_image, rgb_to_lab  # noqa: E402
 
@@ -27,6 +32,7 @@ def main():
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     p.add_argument("--faces", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hint-photo", default="004150.jpg", help="the photo of hints.png (a red background)")
     args = p.parse_args()
 
     model = load_model(args.checkpoint)
@@ -53,6 +59,26 @@ def main():
     outputs = colorize_batch(model, greys, sampler="ddpm", seed=args.seed, callback=reverse, batch_size=len(greys))
     reverse.save(os.path.join(HERE, "denoising.gif"), [o[0] for o in outputs])
     print("wrote visualization/forward_diffusion.gif and visualization/denoising.gif")
+    if c.hints:
+        hint_figure(model, load_image(os.path.join(args.data, args.hint_photo)).convert("RGB"), args.seed)
+        print("wrote visualization/hints.png")
+
+
+def hint_figure(model, photo, seed, clicks=((0.08, 0.25), (0.92, 0.2)), radius=4):
+    """Clicks at fractions of the photo's size, each a dot in the photo's true colour there."""
+    hints = Image.new("RGBA", photo.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(hints)
+    for fx, fy in clicks:
+        x, y = round(fx * photo.width), round(fy * photo.height)
+        draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=photo.getpixel((x, y)))
+    grey = photo.convert("L")
+    plain = colorize(model, grey, seed=seed)[0]
+    hinted = colorize(model, grey, seed=seed, hints=load_hints(hints, photo.size))[0]
+    shown = Image.alpha_composite(grey.convert("RGBA"), hints).convert("RGB")
+    figure = Image.new("RGB", (4 * photo.width, photo.height))
+    for k, img in enumerate((shown, plain, hinted, photo)):
+        figure.paste(img, (k * photo.width, 0))
+    figure.save(os.path.join(HERE, "hints.png"))
 
 
 if __name__ == "__main__":
