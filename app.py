@@ -123,7 +123,8 @@ def build_demo(model, unet=None) -> gr.Blocks:
         if not photo or not photo.get("path"):
             return None
         img = open_upload(photo).convert("RGB")
-        img.paste(hint_image(img, hints), (0, 0), hint_image(img, hints))
+        layer = hint_image(img, hints)
+        img.paste(layer, (0, 0), layer)
         zoom = view_zoom(img)
         return img.resize((round(img.width * zoom), round(img.height * zoom)), Image.NEAREST) if zoom > 1 else img
 

@@ -34,7 +34,6 @@ from utils import bf16_is_fast, pick_device
 HERE = os.path.dirname(os.path.abspath(__file__))
 PHOTO = (218, 178)  # height, width of a CelebA photo
 ORIGINAL = Config(dim=128, dim_mults=(1, 2, 3, 3), timesteps=350, attention=True)
-PREVIOUS = dict(sampler="ddim", steps=100, eta=1.0, guidance=1.1)  # the default before DPM-Solver++ and OpenVINO
 
 
 def sync(device):
@@ -65,8 +64,8 @@ def step_inputs(model, batch, device):
     return x, torch.full((batch,), 100, device=device), feats
 
 
-def runtimes(model, path, device, use_amp, compile_too):
-    """name -> unet(x, t, feats) for each runtime available here."""
+def runtimes(model, ov, device, use_amp, compile_too):
+    """name -> unet(x, t, feats) for each runtime available here (`ov`: the OpenVINO UNet, or None)."""
     def torch_unet(amp):
         def run(x, t, feats):
             with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -82,7 +81,6 @@ def runtimes(model, path, device, use_amp, compile_too):
             with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 return compiled(x, t, feats)
         out["torch.compile" + (" bf16" if use_amp else "")] = run
-    ov = inference.fast_unet(model, path, "auto")
     if ov is not None:
         out[f"OpenVINO {ov.config['INFERENCE_PRECISION_HINT']}"] = ov
     return out
@@ -107,14 +105,13 @@ def cpu_name():
         return platform.processor() or "unknown CPU"
 
 
-def web_latency(checkpoint, photo, repeats):
+def web_latency(checkpoint, c, photo, repeats):
     """Median seconds of the page's Colorize request (the server's queue, colorize(), the result's upload)."""
     sys.path.insert(0, os.path.join(HERE, "tests"))
     from browser import running_app
     from gradio_client import Client, handle_file
     with running_app(checkpoint) as url:
         client = Client(url, verbose=False)
-        c = load_model(checkpoint).config
         args = dict(photo=handle_file(photo), sampler=c.sampler, steps=c.sample_steps, start=c.sample_min_signal,
                     guidance=c.guidance, num_samples=1, seed=0, random_seed=True, dynamic_thresholding=False,
                     api_name="/run")
@@ -148,7 +145,8 @@ def main(argv=None):
     print(f"# Color Diffusion benchmark: {where}; torch {torch.__version__}; model resolution {h}x{w}\n")
 
     print("## One UNet step (ms)\n\n| runtime | batch 1 | batch 2 | batch 16 |\n|---|---|---|---|")
-    for name, unet in runtimes(model, args.checkpoint, device, use_amp, not args.quick).items():
+    ov = inference.fast_unet(model, args.checkpoint)
+    for name, unet in runtimes(model, ov, device, use_amp, not args.quick).items():
         ms = [1e3 * median_time(lambda: unet(*inputs), device, repeats, 10.0)
               for inputs in (step_inputs(model, b, device) for b in (1, 2, 16))]
         print(f"| {name} | " + " | ".join(f"{v:.1f}" for v in ms) + " |", flush=True)
@@ -166,16 +164,15 @@ def main(argv=None):
             ("previous default: DDIM 100, eta 1, guidance 1.1, PyTorch", 200,
              [per_photo(model, device, b, 100, True, use_amp, repeats) for b in (1, 16)])]
     # the shipped default, run for real through colorize_batch: encoder, sampler, recombination at full size
-    unet = inference.fast_unet(model, args.checkpoint)
     rng = np.random.default_rng(0)
     photos = [Image.fromarray(rng.integers(0, 256, PHOTO, dtype=np.uint8), "L") for _ in range(16)]
     real = []
     for batch in (1, 16):
-        run = lambda: inference.colorize_batch(model, photos[:batch], seed=0, batch_size=batch, unet=unet)  # noqa
+        run = lambda: inference.colorize_batch(model, photos[:batch], seed=0, batch_size=batch, unet=ov)  # noqa
         real.append(median_time(run, device, max(1, repeats // (1 if batch == 1 else 3)), 20.0) / batch)
     default = f"{c.sampler} {c.sample_steps}" + (f", eta {c.sample_eta}" if c.sampler != "ddim" or c.sample_eta else "")
     rows.append((f"**shipped default: {default}{f', guidance {c.guidance}' if guided else ''}, "
-                 f"{'OpenVINO' if unet else 'PyTorch'}** (run, not extrapolated)", c.sample_steps * (1 + guided), real))
+                 f"{'OpenVINO' if ov else 'PyTorch'}** (run, not extrapolated)", c.sample_steps * (1 + guided), real))
     base = rows[0][2]
     for name, passes, (one, folder) in rows:
         print(f"| {name} | {passes} | {one:.3f} | {base[0] / one:.0f}x | {folder:.3f} | {base[1] / folder:.0f}x |",
@@ -201,7 +198,7 @@ def main(argv=None):
         print(f"| command | seconds | photos/s |\n|---|---|---|\n| one photo | {single:.2f} | {1 / single:.1f} |\n"
               f"| a folder of {args.folder} | {many:.2f} | {args.folder / many:.1f} |")
         print(f"\n## The web page: Colorize pressed to result shown (s), one {PHOTO[1]}x{PHOTO[0]} photo\n")
-        print(f"{web_latency(args.checkpoint, os.path.join(folder, '000.jpg'), repeats):.2f}")
+        print(f"{web_latency(args.checkpoint, c, os.path.join(folder, '000.jpg'), repeats):.2f}")
 
 
 if __name__ == "__main__":

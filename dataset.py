@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from utils import ImageError, is_greyscale, list_images, load_image, rgb_to_lab
+from utils import ImageError, is_greyscale, lab_to_rgb, list_images, load_image, rgb_to_lab
 
 CACHE_SCALE = 2  # cached photos' short side, in training sizes: zoomed-in crops keep their detail
 ASPECTS = (1.0, 1.25, 0.8, 1.5, 2 / 3)  # height / width of a batch: square, portrait, landscape
@@ -114,7 +114,8 @@ def random_greyscale(rgb, g):
     artefacts follow, each some of the time."""
     kind, gamma, contrast, bright, blur, sigma, grain, amount, jpeg, quality = torch.rand(10, generator=g).tolist()
     if kind < 0.25:  # LAB's L, as the grey whose L it is
-        grey = _grey_from_l(rgb_to_lab(rgb[None])[0, :1])
+        lab = rgb_to_lab(rgb[None])
+        grey = lab_to_rgb(torch.cat([lab[:, :1], torch.zeros_like(lab[:, 1:])], 1))[0].mean(0, keepdim=True)
     elif kind < 0.75:  # PIL's convert("L") and most editors (Rec. 601), or HDTV luma (Rec. 709)
         grey = torch.tensordot(torch.tensor(LUMA["rec601" if kind < 0.6 else "rec709"]), rgb, dims=1)[None]
     else:  # film: orthochromatic to panchromatic, a random spectral mix around Rec. 601
@@ -132,14 +133,6 @@ def random_greyscale(rgb, g):
     if jpeg < 0.3:
         grey = TF.jpeg((grey * 255).round().byte(), int(30 + 60 * quality)).float() / 255
     return grey
-
-
-def _grey_from_l(L_n):
-    """The neutral grey (1, h, w) in [0, 1] sRGB whose LAB lightness is L_n (normalized, (1, h, w))."""
-    L = (L_n + 1) * 50
-    fy = (L + 16) / 116
-    Y = torch.where(fy > 0.2068966, fy ** 3, (fy - 16 / 116) / 7.787)
-    return torch.where(Y > 0.0031308, 1.055 * Y.clamp(min=0) ** (1 / 2.4) - 0.055, 12.92 * Y).clamp(0, 1)
 
 
 def grey_to_l(grey):

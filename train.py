@@ -48,6 +48,11 @@ def parse_args(argv=None):
     return args.pop("resume"), args.pop("init"), args.pop("export"), args
 
 
+def changed_model_fields(given, config, exempt=()):
+    """The model fields (Config.model_fields) whose values in `given` differ from `config`'s."""
+    return [k for k in Config.model_fields() if k in given and given[k] != getattr(config, k) and k not in exempt]
+
+
 def add_inputs(weights, model):
     """Weights of a model into one with more input channels (colour hints): the new channels' weights start at
     zero, so the model starts out computing exactly what it did."""
@@ -107,8 +112,7 @@ def main(argv=None):
         raise ValueError("--init starts a new run and --resume continues one: pass one of them")
     if resume:
         ckpt = load_checkpoint(ckpt_path)
-        old = Config.from_dict(ckpt["config"])
-        changed = [k for k in Config.model_fields() if k in given and given[k] != getattr(old, k)]
+        changed = changed_model_fields(given, Config.from_dict(ckpt["config"]))
         if changed:
             raise ValueError(f"cannot change the model's {', '.join(changed)} when resuming")
         config = Config.from_dict({**ckpt["config"], **given})
@@ -116,9 +120,8 @@ def main(argv=None):
         if init:  # the model (its fields, weights and the mean colour sampling starts from) comes from there
             init_ckpt = load_checkpoint(init)
             kept = {k: v for k, v in init_ckpt["config"].items() if k in Config.model_fields() + ("ab_mean",)}
-            old = Config.from_dict(kept)
             # hint inputs can be added: they start at zero (add_inputs)
-            changed = [k for k in Config.model_fields() if k in given and given[k] != getattr(old, k) and k != "hints"]
+            changed = changed_model_fields(given, Config.from_dict(kept), exempt=("hints",))
             kept["hints"] = given.get("hints", kept.get("hints", False))
             if changed:
                 raise ValueError(f"cannot change the model's {', '.join(changed)} when fine-tuning (--init)")

@@ -119,7 +119,7 @@ def load_image(path) -> Image.Image:
 def is_greyscale(img: Image.Image, tolerance: int = 3) -> bool:
     """True if a photo has no colour: a greyscale mode, or RGB whose channels never differ by more than
     `tolerance` levels (greyscale JPEGs saved as RGB carry a little chroma noise)."""
-    if img.mode in ("1", "L", "LA", "La", "I", "I;16", "F") or img.mode.startswith("I;16"):
+    if img.mode in ("1", "L", "LA", "La", "I", "F") or img.mode.startswith("I;16"):
         return True
     rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
     spread = rgb.max(axis=2) - rgb.min(axis=2)
