@@ -5,9 +5,9 @@
     python app.py --host 0.0.0.0                   # reachable from other machines (only when asked)
     python app.py --share                          # a temporary public gradio.live link (needs internet)
 
-Upload, drop or paste a photo (or click an example face), press Colorize. To steer the colours (for a model
-trained with hints), pick a colour and click on the photo under "Colour hints": each click pins that colour
-there, and the region around it follows. Requests are queued, so several users can share one model; the
+Upload, drop or paste a photo (or click an example face), press Colorize. To steer the colours, pick a
+colour and click on the photo under "Colour hints": each click pins that colour there, and the region around
+it follows. Requests are queued, so several users can share one model; the
 model is loaded once, at start.
 """
 import argparse
@@ -105,7 +105,7 @@ def build_demo(model, unet=None) -> gr.Blocks:
         samples = colorize(model, img, sampler=sampler, steps=int(steps), num_samples=int(num_samples), seed=seed,
                            dynamic_thresholding=bool(dynamic_thresholding), min_signal=float(start),
                            guidance=float(guidance), callback=callback, unet=unet,
-                           hints=load_hints(hint_image(img, hints), img.size) if hints and c.hints else None)
+                           hints=load_hints(hint_image(img, hints), img.size) if hints else None)
         return (img, samples[0]), samples, seed
 
     def check(photo):
@@ -147,7 +147,7 @@ def build_demo(model, unet=None) -> gr.Blocks:
                     gr.Examples([[path] for path in example_faces()], inputs=[photo], label="Example faces",
                                 cache_examples=False, elem_id="examples")
                 hints = gr.State([])
-                with gr.Accordion("Colour hints", open=c.hints, visible=c.hints):
+                with gr.Accordion("Colour hints", open=True):
                     gr.Markdown("Pick a colour, then click on the photo below: that spot takes the colour, and "
                                 "the model colours its surroundings to suit.")
                     with gr.Row():

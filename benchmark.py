@@ -61,15 +61,16 @@ def step_inputs(model, batch, device):
     x = torch.randn(batch, model.unet.init_conv.in_channels, h, w, device=device)
     with torch.inference_mode():
         feats = model.encoder(L)
-    return x, torch.full((batch,), 100, device=device), feats
+    w = torch.full((batch,), model.config.guidance, device=device) if model.config.guidance_input else None
+    return x, torch.full((batch,), 100, device=device), feats, w
 
 
 def runtimes(model, ov, device, use_amp, compile_too):
-    """name -> unet(x, t, feats) for each runtime available here (`ov`: the OpenVINO UNet, or None)."""
+    """name -> unet(x, t, feats, w) for each runtime available here (`ov`: the OpenVINO UNet, or None)."""
     def torch_unet(amp):
-        def run(x, t, feats):
+        def run(x, t, feats, w):
             with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                return model.unet(x, t, feats)
+                return model.unet(x, t, feats, w)
         return run
     out = {"torch float32": torch_unet(False)}
     if use_amp:
@@ -77,9 +78,9 @@ def runtimes(model, ov, device, use_amp, compile_too):
     if compile_too:
         compiled = torch.compile(model.unet)
 
-        def run(x, t, feats):
+        def run(x, t, feats, w):
             with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                return compiled(x, t, feats)
+                return compiled(x, t, feats, w)
         out["torch.compile" + (" bf16" if use_amp else "")] = run
     if ov is not None:
         out[f"OpenVINO {ov.config['INFERENCE_PRECISION_HINT']}"] = ov
@@ -88,12 +89,12 @@ def runtimes(model, ov, device, use_amp, compile_too):
 
 def per_photo(model, device, batch, steps, guided, amp, repeats, encoder_every_step=False):
     """Seconds per photo of a loop of `steps` UNet steps (pairs when guided), from the median step time."""
-    x, t, feats = step_inputs(model, batch * (2 if guided else 1), device)
+    x, t, feats, w = step_inputs(model, batch * (2 if guided else 1), device)
     L = torch.rand(batch, 1, *x.shape[-2:], device=device)
 
     def step():
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            model.unet(x, t, model.encoder(L) if encoder_every_step else feats)
+            model.unet(x, t, model.encoder(L) if encoder_every_step else feats, w)
     return steps * median_time(step, device, repeats, 10.0) / batch
 
 
@@ -156,10 +157,10 @@ def main(argv=None):
     print("|---|---|---|---|---|---|")
     original = ColorDiffusion(ORIGINAL).eval().to(device)
     n_ddpm = len(model.sampling_schedule())
-    guided = c.guidance != 1
+    guided = c.guidance != 1 and not c.guidance_input  # a pair of UNet passes per step; a student runs once
     rows = [("the original's loop (dim 128, 350 steps, encoder every step, float32)", 350,
              [per_photo(original, device, b, 350, False, False, repeats, True) for b in (1, 16)]),
-            (f"our DDPM loop ({n_ddpm} steps{', guided' if guided else ''})", n_ddpm * (1 + guided),
+            (f"our DDPM loop ({n_ddpm} steps{', guided' if c.guidance != 1 else ''})", n_ddpm * (1 + guided),
              [per_photo(model, device, b, n_ddpm, guided, use_amp, repeats) for b in (1, 16)]),
             ("previous default: DDIM 100, eta 1, guidance 1.1, PyTorch", 200,
              [per_photo(model, device, b, 100, True, use_amp, repeats) for b in (1, 16)])]
@@ -171,7 +172,8 @@ def main(argv=None):
         run = lambda: inference.colorize_batch(model, photos[:batch], seed=0, batch_size=batch, unet=ov)  # noqa
         real.append(median_time(run, device, max(1, repeats // (1 if batch == 1 else 3)), 20.0) / batch)
     default = f"{c.sampler} {c.sample_steps}" + (f", eta {c.sample_eta}" if c.sampler != "ddim" or c.sample_eta else "")
-    rows.append((f"**shipped default: {default}{f', guidance {c.guidance}' if guided else ''}, "
+    guidance = f", guidance {c.guidance}" + (" (distilled: one pass)" if c.guidance_input else "")
+    rows.append((f"**shipped default: {default}{guidance if c.guidance != 1 else ''}, "
                  f"{'OpenVINO' if ov else 'PyTorch'}** (run, not extrapolated)", c.sample_steps * (1 + guided), real))
     base = rows[0][2]
     for name, passes, (one, folder) in rows:

@@ -89,17 +89,18 @@ def build_cache(folder, image_size, cache_dir="cache", workers=None):
 
 
 def random_crop(img, h, w, g):
-    """A random resized crop of img (3, H, W) uint8 to (h, w): area 0.3-1.6x the photo's (above 1 the photo is
-    small in a reflect-padded frame), the batch's aspect +-10%, anywhere that keeps most of the photo in view,
-    sometimes rotated up to 12 degrees; flipped half the time."""
+    """A random resized crop of img (3, H, W) uint8 to (h, w): area 0.3-2.6x the photo's (above 1 the photo is
+    small in a reflect-padded frame, as a face in a portrait with room around it), the batch's aspect +-10%,
+    anywhere that keeps most of the photo in view, sometimes rotated up to 12 degrees; flipped half the time."""
     H, W = img.shape[-2:]
     area, jitter, cx, cy, rotate, angle, flip = torch.rand(7, generator=g).tolist()
-    area = math.exp(math.log(0.3) + area * math.log(1.6 / 0.3)) * H * W
+    area = math.exp(math.log(0.3) + area * math.log(2.6 / 0.3)) * H * W
     ratio = (w / h) * math.exp(0.2 * (jitter - 0.5))
-    cw, ch = min(math.sqrt(area * ratio), 1.6 * W), min(math.sqrt(area / ratio), 1.6 * H)
-    left = (W - cw) / 2 + (cx - 0.5) * abs(W - cw)
-    top = (H - ch) / 2 + (cy - 0.5) * abs(H - ch)
     pad = min(H, W) // 2 - 1  # reflect padding must be smaller than the image
+    cw, ch = min(math.sqrt(area * ratio), W + 2 * pad), min(math.sqrt(area / ratio), H + 2 * pad)
+    # inside the padded photo, so that no crop shows torchvision's zero fill
+    left = min(max((W - cw) / 2 + (cx - 0.5) * abs(W - cw), -pad), W + pad - cw)
+    top = min(max((H - ch) / 2 + (cy - 0.5) * abs(H - ch), -pad), H + pad - ch)
     img = TF.pad(img, [pad], padding_mode="reflect")
     if rotate < 0.3:
         img = TF.rotate(img, 24 * (angle - 0.5), interpolation=v2.InterpolationMode.BILINEAR,

@@ -165,7 +165,7 @@ def colorize_batch(model, images, num_samples=1, seed=None, callback=None, amp=N
             L = torch.cat([smalls[i] for i in chunk]).repeat_interleave(num_samples, dim=0)
             L = L.to(device).contiguous(memory_format=torch.channels_last)
             small_hints = None
-            if hinted:  # images without hints get an empty mask; model.denoiser refuses a model without hints
+            if hinted:  # images without hints get an empty mask
                 small_hints = torch.cat([model_hints(hints[i], *L.shape[-2:]) if hints[i] is not None
                                          else torch.zeros(1, 3, *L.shape[-2:]) for i in chunk])
                 small_hints = small_hints.repeat_interleave(num_samples, dim=0).to(device)
@@ -192,14 +192,15 @@ def colorize(model, img: Image.Image, num_samples=1, seed=None, callback=None, a
 # a fast CPU runtime
 
 class _UNetCall(nn.Module):
-    """model.unet with the encoder's features as separate inputs: the form OpenVINO converts."""
+    """model.unet with the encoder's features as separate inputs (after a student's guidance scales): the form
+    OpenVINO converts."""
 
     def __init__(self, unet):
         super().__init__()
-        self.unet = unet
+        self.unet, self.w = unet, unet.guidance_mlp is not None
 
-    def forward(self, x, t, *feats):
-        return self.unet(x, t, list(feats))
+    def forward(self, x, t, *rest):
+        return self.unet(x, t, list(rest[self.w:]), rest[0] if self.w else None)
 
 
 class OpenVINOUNet:
@@ -222,8 +223,9 @@ class OpenVINOUNet:
             print("note: converting the model for OpenVINO, once for this checkpoint", file=sys.stderr)
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the tracer's warnings about torch.jit are for developers
+                w = [torch.ones(1)] if c.guidance_input else []
                 converted = ov.convert_model(_UNetCall(model.unet).float().eval(),
-                                             example_input=(x, torch.zeros(1, dtype=torch.long), *model.encoder(L)))
+                                             example_input=(x, torch.zeros(1, dtype=torch.long), *w, *model.encoder(L)))
             os.makedirs(CACHE, exist_ok=True)
             tmp = tempfile.mkdtemp(dir=CACHE)  # written whole, then moved: a crash leaves no half model
             ov.save_model(converted, os.path.join(tmp, "unet.xml"))
@@ -237,8 +239,8 @@ class OpenVINOUNet:
         self.config = {"INFERENCE_PRECISION_HINT": "bf16" if bf16_is_fast(torch.device("cpu")) else "f32"}
         self.requests = {}
 
-    def __call__(self, x, t, feats):
-        inputs = [x.float(), t, *(f.float() for f in feats)]
+    def __call__(self, x, t, feats, w=None):
+        inputs = [x.float(), t, *([] if w is None else [w.float()]), *(f.float() for f in feats)]
         shapes = tuple(tuple(i.shape) for i in inputs)
         if shapes not in self.requests:  # static shapes run faster than dynamic ones
             network = self.network.clone()
@@ -361,7 +363,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, help="random seed: the same command gives the same output bit for bit")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--hints", metavar="PNG", help="colour hints: an RGBA image (any size, scaled to the photo's) "
-                   "whose opaque pixels give their colour; for a model trained with hints")
+                   "whose opaque pixels give their colour; the regions around them follow")
     p.add_argument("--runtime", choices=("auto", "openvino", "torch"), default="auto",
                    help="auto: OpenVINO on a CPU (converted once per checkpoint, cached), PyTorch on a GPU")
     p.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
@@ -454,8 +456,6 @@ def _load(args, device):
         ok, message = guidance_check(args.guidance, model.config.cond_drop)
         if not ok:
             raise UsageError(message)
-    if args.hints and not model.config.hints:
-        raise UsageError(f"{args.checkpoint}: this model was not trained with colour hints")
     return model
 
 

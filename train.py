@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from dataset import batch_shape, load_split, make_loader, mean_ab
 from model import (CheckpointError, ColorDiffusion, Config, ema_update, export_inference_checkpoint, load_checkpoint,
-                   save_checkpoint)
+                   load_model, save_checkpoint)
 from utils import lab_to_rgb, pick_device, use_bf16
 
 def parse_args(argv=None):
@@ -120,9 +120,10 @@ def main(argv=None):
         if init:  # the model (its fields, weights and the mean colour sampling starts from) comes from there
             init_ckpt = load_checkpoint(init)
             kept = {k: v for k, v in init_ckpt["config"].items() if k in Config.model_fields() + ("ab_mean",)}
-            # hint inputs can be added: they start at zero (add_inputs)
-            changed = changed_model_fields(given, Config.from_dict(kept), exempt=("hints",))
-            kept["hints"] = given.get("hints", kept.get("hints", False))
+            # hint inputs and a student's guidance input can be added: they start at zero
+            added = ("hints", "guidance_input")
+            changed = changed_model_fields(given, Config.from_dict(kept), exempt=added)
+            kept.update({k: given.get(k, kept.get(k, False)) for k in added})
             if changed:
                 raise ValueError(f"cannot change the model's {', '.join(changed)} when fine-tuning (--init)")
             given = {**given, **kept}
@@ -163,8 +164,16 @@ def main(argv=None):
     step = 0
     if init:
         weights = add_inputs({k: v.float() for k, v in init_ckpt.get("ema", init_ckpt.get("model")).items()}, model)
-        model.load_state_dict(weights)
-        ema.load_state_dict(weights)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if unexpected or any(not k.startswith("unet.guidance_mlp.") for k in missing):
+            raise ValueError(f"{init}: its weights do not fit this model")
+        ema.load_state_dict(model.state_dict())
+    teacher = None
+    if config.teacher:  # guidance distillation: frozen, in the student's precision and memory format
+        teacher = load_model(config.teacher, device).requires_grad_(False)
+        if teacher.config.guidance_input or changed_model_fields(vars(teacher.config), config,
+                                                                 exempt=("guidance_input",)):
+            raise ValueError(f"--teacher {config.teacher}: not the model this student was initialised from")
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
@@ -201,7 +210,7 @@ def main(argv=None):
                     group["lr"] = lr_at(step, config)
                 batch = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 with amp:
-                    loss = net(batch)
+                    loss = net(batch, teacher=teacher)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)

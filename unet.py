@@ -117,10 +117,16 @@ class GreyscaleEncoder(nn.Module):
 
 
 class UNet(nn.Module):
-    def __init__(self, dim=64, dim_mults=(1, 2, 4), dropout=0.0, attention=True, in_channels=3, out_channels=2):
+    def __init__(self, dim=64, dim_mults=(1, 2, 4), dropout=0.0, attention=True, in_channels=3, out_channels=2,
+                 guidance_input=False):
         super().__init__()
         time_dim = dim * 4
         self.time_mlp = nn.Sequential(nn.Linear(dim, time_dim), nn.GELU(), nn.Linear(time_dim, time_dim))
+        self.guidance_mlp = None
+        if guidance_input:  # a guidance-distilled student: the scale joins the timestep's embedding (Meng et al.)
+            self.guidance_mlp = nn.Sequential(nn.Linear(dim, time_dim), nn.GELU(), nn.Linear(time_dim, time_dim))
+            nn.init.zeros_(self.guidance_mlp[-1].weight)  # starts as the teacher's conditional model
+            nn.init.zeros_(self.guidance_mlp[-1].bias)
         self.init_conv = nn.Conv2d(in_channels, dim, 7, padding=3)
         dims = level_dims(dim, dim_mults)
         last = len(dims) - 1
@@ -142,9 +148,12 @@ class UNet(nn.Module):
         self.final_conv = nn.Conv2d(dim, out_channels, 1)
         self.dim = dim
 
-    def forward(self, x, t, cond_feats):
-        """x: (N, 3, H, W) L + noised ab; t: (N,) timesteps; cond_feats: the encoder's list of features."""
+    def forward(self, x, t, cond_feats, w=None):
+        """x: (N, 3, H, W) L + noised ab; t: (N,) timesteps; cond_feats: the encoder's list of features;
+        w: (N,) guidance scales, for a model with guidance_input."""
         t_emb = self.time_mlp(sinusoidal_embedding(t, self.dim))
+        if self.guidance_mlp is not None:
+            t_emb = t_emb + self.guidance_mlp(sinusoidal_embedding(100 * w, self.dim))  # w = 1.75 as "t" 175
         x = self.init_conv(x)
         r, skips = x, []
         for level, feat in zip(self.downs, cond_feats):

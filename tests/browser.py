@@ -3,8 +3,8 @@
     python tests/browser.py                         # visualization/app.png from checkpoints/celeba64.pt
     python tests/browser.py --checkpoint runs/whole/ckpt.pt --samples 4
 
-The screenshot: app.py on a free local port, the first example face clicked, a colour hint or two if the model
-takes them, Colorize pressed, the result awaited, a full-page screenshot saved. Needs Playwright (pip) and
+The screenshot: app.py on a free local port, the first example face clicked, Colorize pressed, the result
+awaited, a full-page screenshot saved. Needs Playwright (pip) and
 Debian's /usr/bin/chromium; no browser download.
 """
 import argparse

@@ -153,3 +153,22 @@ def test_an_older_checkpoint_samples_as_it_always_did():
     c = Config.from_dict({**old, "snr_floor_cap": 20.0})
     assert (c.sampler, c.sample_steps, c.sample_eta, c.hints) == ("ddim", 100, 1.0, False)
     assert "image_size" in Config.model_fields() and "lr" not in Config.model_fields()
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "checkpoints"))))
+def test_shipped_checkpoints_load_and_colorize(name):
+    """Every checkpoint in checkpoints/ is small, loads alone (config and weights in one file) and colours a face's
+    skin warm: the LAB a of a mid-grey colorized photo is positive on average, as skin's is."""
+    import numpy as np
+    from PIL import Image
+
+    import inference
+    from utils import rgb_to_lab
+    path = os.path.join(ROOT, "checkpoints", name)
+    assert os.path.getsize(path) < 50 * 2**20
+    model = load_model(path)
+    grey = Image.open(os.path.join(ROOT, "examples", "004150.jpg")).convert("L")
+    out = inference.colorize(model, grey, seed=0)[0]
+    assert out.size == grey.size
+    lab = rgb_to_lab(torch.from_numpy(np.asarray(out, dtype=np.float32) / 255).permute(2, 0, 1)[None])
+    assert lab[0, 1].mean() > 0.02, lab[0, 1].mean()  # a/110: warm, not grey

@@ -6,7 +6,7 @@ from PIL import Image
 
 import inference
 from conftest import TINY_MODEL
-from model import ColorDiffusion, Config
+from model import ColorDiffusion, Config, spread_hints
 from utils import ImageError, rgb_to_lab
 
 HINTED = Config(**TINY_MODEL, hints=True)
@@ -68,9 +68,11 @@ def test_hinted_pixels_take_the_hinted_colour(tmp_path, ckpts, capsys):
     for x, y in [(5, 5), (14, 9)]:  # the hint's colour (ab) at the photo's own lightness
         assert (ab_of(out[y, x]) - ab_of(COLOUR)).abs().max() * 110 < 2, out[y, x]
     assert (ab_of(out[0, 0]) - ab_of(COLOUR)).abs().max() * 110 > 2  # a random model: elsewhere, other colours
-    code = inference.main(args + ["--hints", str(tmp_path / "h.png"), "--output", str(tmp_path / "p.png"),
-                                  "--checkpoint", ckpts["plain"]])
-    assert code == 1 and "not trained with colour hints" in capsys.readouterr().err
+    # a model without hint inputs takes them too: pinned and spread by the sampler
+    assert inference.main(args + ["--hints", str(tmp_path / "h.png"), "--output", str(tmp_path / "p.png"),
+                                  "--checkpoint", ckpts["plain"]]) == 0
+    out = np.asarray(Image.open(tmp_path / "p.png").convert("RGB"))
+    assert all((ab_of(out[y, x]) - ab_of(COLOUR)).abs().max() * 110 < 2 for x, y in [(5, 5), (14, 9)])
     code = inference.main(["--image-path", str(tmp_path), "--hints", str(tmp_path / "h.png"),
                            "--checkpoint", ckpts["hinted"]])
     assert code == 1 and "single image" in capsys.readouterr().err
@@ -91,3 +93,17 @@ def test_sampling_moves_hinted_pixels_to_their_colour_at_every_step():
     assert all(torch.allclose(x0[:, :, 4:6, 7:9] / HINTED.ab_scale, torch.full((2, 2, 2, 2), 0.3)) for x0 in seen)
     free = model.sample(L, steps=4, generator=torch.Generator().manual_seed(0))
     assert not torch.allclose(free[:, :, 4:6, 7:9], ab[:, :, 4:6, 7:9])
+
+
+def test_a_hint_spreads_over_its_region_and_stops_at_edges():
+    """Left half dark, right half light; one hint on the right: the right half moves to its colour, most near it,
+    the left half (another grey: another region) barely moves, nor does a far corner of the right."""
+    L = torch.full((1, 1, 32, 32), -0.6)
+    L[..., 16:] = 0.4
+    x0, ab, mask = torch.zeros(1, 2, 32, 32), torch.zeros(1, 2, 32, 32), torch.zeros(1, 1, 32, 32, dtype=torch.bool)
+    ab[:, :, 15:17, 20:22], mask[:, :, 15:17, 20:22] = 0.5, True
+    out = spread_hints(x0, L, ab, mask)
+    assert torch.equal(out[mask.expand_as(out)], ab[mask.expand_as(ab)])
+    near, edge, far = out[0, 0, 16, 24].item(), out[0, 0, 16, 15].item(), out[0, 0, 0, 31].item()
+    assert near > 0.35 and far < near / 2 and abs(edge) < 0.01
+    assert torch.equal(spread_hints(x0, L, ab, torch.zeros_like(mask)), x0)  # no hints: nothing moves

@@ -10,12 +10,21 @@ from PIL import Image
 
 import inference
 from conftest import ROOT
-from model import load_model
+from model import load_checkpoint, load_model, save_checkpoint
 
 pytest.importorskip("openvino")
-@pytest.fixture(scope="module")
-def tiny(tiny_checkpoint):
-    path = tiny_checkpoint(cond_drop=0.1, guidance=1.5, hints=True)
+
+
+@pytest.fixture(scope="module", params=["teacher", "student"])
+def tiny(request, tiny_checkpoint, tmp_path_factory):
+    """A guided model with hints, and a guidance-distilled student (the scale an input, its embedding not zero
+    so that a lost scale would show)."""
+    path = tiny_checkpoint(cond_drop=0.1, guidance=1.5, hints=True, guidance_input=request.param == "student")
+    if request.param == "student":
+        ckpt = load_checkpoint(path)
+        ckpt["ema"]["unet.guidance_mlp.2.weight"] = ckpt["ema"]["unet.time_mlp.2.weight"].flip(0)  # its scale
+        path = str(tmp_path_factory.mktemp("student") / "student.pt")
+        save_checkpoint(path, ckpt)
     return load_model(path), path
 
 
@@ -27,19 +36,22 @@ def test_openvino_unet_matches_torch(tiny, monkeypatch):
         L = torch.rand(shape[0], 1, *shape[1:], generator=g) * 2 - 1
         x = torch.cat([L, torch.randn(shape[0], 5, *shape[1:], generator=g)], 1)
         t = torch.randint(0, model.config.timesteps, (shape[0],), generator=g)
+        w = 1 + 2 * torch.rand(shape[0], generator=g) if model.config.guidance_input else None
         with torch.no_grad():
             feats = model.encoder(L)
-            ref = model.unet(x, t, feats)
-        out = ov(x, t, feats)
+            ref = model.unet(x, t, feats, w)
+        out = ov(x, t, feats, w)
         assert out.shape == ref.shape and out.dtype == torch.float32
         # bf16 inference where the CPU has it: about 2-3 significant digits
         assert (out - ref).abs().max() < 0.05 * ref.abs().max() + 1e-3
+        if w is not None:  # and the scale matters
+            assert (ov(x, t, feats, w + 1) - out).abs().max() > 0.1 * ref.abs().max()
     assert len(ov.requests) == 2
     # a second instance reads the converted network from the cache instead of converting again
     import openvino
     monkeypatch.setattr(openvino, "convert_model", None)
     again = inference.OpenVINOUNet(model, path)
-    assert torch.equal(again(x, t, feats), out)
+    assert torch.equal(again(x, t, feats, w), out)
 
 
 def test_colorize_through_openvino_matches_torch(tiny):

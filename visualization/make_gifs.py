@@ -4,8 +4,8 @@
 
 forward_diffusion.gif: one photo's colour channels being noised, t = 0 .. T (L untouched).
 denoising.gif:         several photos colorized from colour noise, step by step (the faithful DDPM loop).
-hints.png:             (for a model trained with hints) a photo with two clicks on its background, in the true
-                       colour there: greyscale with the clicks | without hints | with them | the truth.
+hints.png:             a photo with two clicks on its background, in the true colour there: greyscale with the
+                       clicks | without hints | with them | the truth.
 """
 import argparse
 import os
@@ -59,9 +59,8 @@ def main():
     outputs = colorize_batch(model, greys, sampler="ddpm", seed=args.seed, callback=reverse, batch_size=len(greys))
     reverse.save(os.path.join(HERE, "denoising.gif"), [o[0] for o in outputs])
     print("wrote visualization/forward_diffusion.gif and visualization/denoising.gif")
-    if c.hints:
-        hint_figure(model, load_image(os.path.join(args.data, args.hint_photo)).convert("RGB"), args.seed)
-        print("wrote visualization/hints.png")
+    hint_figure(model, load_image(os.path.join(args.data, args.hint_photo)).convert("RGB"), args.seed)
+    print("wrote visualization/hints.png")
 
 
 def hint_figure(model, photo, seed, clicks=((0.08, 0.25), (0.92, 0.2)), radius=4):
