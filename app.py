@@ -7,8 +7,7 @@
 
 Upload, drop or paste a photo (or click an example face), press Colorize. To steer the colours, pick a
 colour and click on the photo under "Colour hints": each click pins that colour there, and the region around
-it follows. Requests are queued, so several users can share one model; the
-model is loaded once, at start.
+it follows. Requests are queued, so several users can share one model; the model is loaded once, at start.
 """
 import argparse
 import os
