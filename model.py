@@ -64,6 +64,9 @@ class Config:
     teacher: str = _field("", "guidance distillation (Meng et al. 2023): the checkpoint whose guided prediction "
                               "eps_uncond + w (eps - eps_uncond), w in [1, 3], the student learns; with "
                               "--init from it and --guidance-input true")
+    distil_steps: int = _field(0, "with --teacher, also fewer steps (progressive distillation, Salimans & Ho "
+                                  "2022): the student samples in this many DDIM steps, each one learning two "
+                                  "of the teacher's guided ones (its grid of 2N - 1 steps); 0 = guidance alone")
     # data
     data: str = _field("img_align_celeba", "folder of colour photos")
     cache_dir: str = _field("cache", "where the decoded photos are kept")
@@ -98,6 +101,8 @@ class Config:
             (0 <= self.cond_drop < 1, "cond_drop must be in [0, 1)"),
             (self.guidance >= 0, "guidance must be >= 0"),
             (self.guidance_input or not self.teacher, "a student of --teacher needs --guidance-input true"),
+            (self.distil_steps == 0 or (self.teacher and self.distil_steps >= 2),
+             "distil_steps needs a --teacher, and at least 2 steps (from 1 there is nothing to halve)"),
             guidance_check(self.guidance, self.cond_drop),
             (self.timesteps >= 2, "timesteps must be at least 2"),
             (self.ab_scale > 0, "ab_scale must be positive"),
@@ -167,8 +172,9 @@ def q_sample(x0, t, noise, alphas_cumprod):
 # samplers: pure functions of a denoiser eps = denoise(x_t, t) and the schedule
 
 def predict_x0(x, eps, a):
-    """The clean sample that predicted noise eps implies at x = x_t, with a = alphas_cumprod[t] (a float)."""
-    return (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+    """The clean sample that predicted noise eps implies at x = x_t, with a = alphas_cumprod[t] (a float, or a
+    tensor that broadcasts)."""
+    return (x - (1 - a) ** 0.5 * eps) / a ** 0.5
 
 
 def dynamic_threshold(x0, percentile=0.995, bound=1.0):
@@ -306,25 +312,38 @@ class ColorDiffusion(nn.Module):
 
     def forward(self, lab, t=None, noise=None, teacher=None):
         """Training loss for a batch of normalized LAB images (N, 3, H, W): MSE of the predicted ab noise, or
-        with a `teacher` (guidance distillation) of its guided prediction at a random scale w. Random timesteps
-        and noise unless given. `forward` is the loss so that DistributedDataParallel wraps it."""
-        L, ab = lab[:, :1], lab[:, 1:] * self.config.ab_scale
-        if self.training and self.config.cond_drop > 0 and teacher is None:
-            L = L * (torch.rand(len(L), 1, 1, 1, device=L.device) >= self.config.cond_drop)
-        if t is None:
-            t = torch.randint(0, self.config.timesteps, (lab.shape[0],), device=lab.device)
+        with a `teacher` (distillation) of its guided prediction at a random scale w, or, with
+        config.distil_steps, of the noise with which one DDIM step lands where two of the teacher's guided ones
+        do. Random timesteps (with distil_steps always: points of the student's grid) and noise unless given.
+        `forward` is the loss so that DistributedDataParallel wraps it."""
+        c = self.config
+        L, ab = lab[:, :1], lab[:, 1:] * c.ab_scale
+        if self.training and c.cond_drop > 0 and teacher is None:
+            L = L * (torch.rand(len(L), 1, 1, 1, device=L.device) >= c.cond_drop)
+        halve = teacher is not None and c.distil_steps > 0
+        if halve:  # a random point of the student's grid: every other one of the teacher's
+            grid = timesteps(teacher.sampling_schedule(), 2 * c.distil_steps - 1)
+            i = 2 * torch.randint(0, c.distil_steps, (len(lab),))
+            t = torch.tensor([grid[k][0] for k in i.tolist()], device=lab.device)
+        elif t is None:
+            t = torch.randint(0, c.timesteps, (lab.shape[0],), device=lab.device)
         if noise is None:
             noise = torch.randn(ab.shape, device=lab.device)
         x_t = q_sample(ab, t, noise, self.alphas_cumprod)
         inputs = [L, x_t]
-        if self.config.hints:  # hints only in training: the validation loss is that of colouring alone
+        if c.hints:  # hints only in training: the validation loss is that of colouring alone
             inputs.append(random_hints(lab[:, 1:]) if self.training else torch.zeros_like(lab))
         w = None
-        if self.config.guidance_input:  # without a teacher, the conditional prediction: w = 1
+        if c.guidance_input:  # without a teacher, the conditional prediction: w = 1
             w = torch.ones(len(L), device=L.device) if teacher is None else 1 + 2 * torch.rand(len(L), device=L.device)
         inputs = torch.cat(inputs, dim=1)
         pred = self.unet(inputs, t, self.encoder(L), w)
-        target = noise if teacher is None else teacher.guided_eps(inputs, t, w)
+        if teacher is None:
+            target = noise
+        elif halve:
+            target = teacher.two_steps_eps(inputs, grid, i, w)
+        else:
+            target = teacher.guided_eps(inputs, t, w)
         loss = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
         a = self.alphas_cumprod[t].float()
         snr = a / (1 - a)
@@ -349,6 +368,32 @@ class ColorDiffusion(nn.Module):
         inputs = torch.cat([inputs, torch.cat([torch.zeros_like(inputs[:, :1]), inputs[:, 1:]], 1)])
         cond, uncond = self.unet(inputs, torch.cat([t, t]), self.encoder(inputs[:, :1])).float().chunk(2)
         return uncond + w.view(-1, 1, 1, 1) * (cond - uncond)
+
+    @torch.no_grad()
+    def two_steps_eps(self, inputs, grid, i, w):
+        """Progressive distillation's target (Salimans & Ho 2022): from UNet inputs (L, x_t, [hints]) at the
+        points i (per image) of a `timesteps` grid, two deterministic guided DDIM steps (one, into the clean
+        sample, from the grid's last point), and the eps with which a single DDIM step from x_t lands there."""
+        x_t, s, last = inputs[:, 1:3].float(), self.config.ab_scale, len(grid) - 1
+
+        def at(k):  # (t, a_t, a_next) per image at grid points i + k
+            t, a, a_next = (torch.tensor(col, device=x_t.device) for col in zip(*[grid[min(n + k, last)]
+                                                                                 for n in i.tolist()]))
+            return t, a.float().view(-1, 1, 1, 1), a_next.float().view(-1, 1, 1, 1)
+
+        def step(x, k):
+            t, a, a_next = at(k)
+            eps = self.guided_eps(torch.cat([inputs[:, :1], x.to(inputs.dtype), inputs[:, 3:]], 1), t, w)
+            x0 = predict_x0(x, eps, a).clamp(-s, s)  # clipped, as sampling clips it
+            return a_next.sqrt() * x0 + (1 - a_next).sqrt() * (x - a.sqrt() * x0) / (1 - a).sqrt()
+
+        two = (i < last).to(x_t.device).view(-1, 1, 1, 1)
+        x = step(x_t, 0)
+        x = torch.where(two, step(x, 1), x)
+        a, a_next = at(0)[1], torch.where(two, at(1)[2], at(0)[2])
+        r = ((1 - a_next) / (1 - a)).sqrt()  # one DDIM step lands at sqrt(a_next) x0 + r (x_t - sqrt(a) x0)
+        x0 = (x - r * x_t) / (a_next.sqrt() - r * a.sqrt())
+        return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
 
     def denoiser(self, L, guidance=1.0, hints=None, unet=None):
         """eps = denoise(x_t, t) for fixed greyscale L: the encoder runs here once, not at every step.

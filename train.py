@@ -174,6 +174,9 @@ def main(argv=None):
         if teacher.config.guidance_input or changed_model_fields(vars(teacher.config), config,
                                                                  exempt=("guidance_input",)):
             raise ValueError(f"--teacher {config.teacher}: not the model this student was initialised from")
+        if config.distil_steps:  # the student samples as the teacher, on every other point of its grid
+            config.sampler, config.sample_steps, config.sample_eta = "ddim", config.distil_steps, 0.0
+            config.sample_min_signal, config.guidance = teacher.config.sample_min_signal, teacher.config.guidance
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])

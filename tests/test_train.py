@@ -271,3 +271,57 @@ def test_guidance_distillation_learns_the_teachers_guided_prediction_in_one_pass
     assert calls == [8, 8, 8]  # one pass of the batch per step
     with pytest.raises(ValueError, match="needs --guidance-input"):
         train.main(train_args(photo_dir, shared_cache, tmp_path / "x") + ["--teacher", teacher_path])
+
+
+def test_two_steps_target_lands_where_two_of_the_teachers_ddim_steps_land():
+    """Progressive distillation's target, against the sampler itself: one DDIM step with the target eps lands
+    where ddim_sample's first two deterministic guided steps land (and at the grid's last point, the one step
+    into the clean sample)."""
+    torch.manual_seed(0)
+    teacher = ColorDiffusion(Config(dim=8, dim_mults=(1, 2), timesteps=50)).eval()
+    L, x_t, w = torch.rand(3, 1, 16, 16) * 2 - 1, torch.randn(3, 2, 16, 16), 2.0
+    s, ac = teacher.config.ab_scale, teacher.sampling_schedule()
+    grid = model_module.timesteps(ac, 5)  # a student of 3 steps
+    clip = lambda x0: x0.clamp(-s, s)  # noqa: E731
+    for i, n_steps in ((0, 2), (2, 2), (4, 1)):  # the last point: one step, to the clean sample
+        landed = []
+        model_module.ddim_sample(teacher.denoiser(L, guidance=w), x_t, ac[: grid[i][0] + 1], len(grid) - i,
+                                 threshold=clip, callback=lambda k, n, x, x0: landed.append(x))
+        eps = teacher.two_steps_eps(torch.cat([L, x_t], 1), grid, torch.full((3,), i), torch.full((3,), w))
+        a = grid[i][1]
+        a_next = grid[i + n_steps][1] if i + n_steps < len(grid) else 1.0
+        x0 = model_module.predict_x0(x_t, eps, a)
+        one_step = a_next ** 0.5 * x0 + (1 - a_next) ** 0.5 * eps
+        gap = (one_step - landed[n_steps - 1]).abs().max()
+        assert gap < 1e-4, (i, gap)
+
+
+def test_progressive_distillation_halves_the_steps(photo_dir, shared_cache, tmp_path):
+    """--distil-steps N: the student learns in N deterministic DDIM steps what the guided teacher does in
+    2N - 1, in one UNet pass each, and its checkpoint samples that way."""
+    base, student_dir, teacher_path = tmp_path / "base", tmp_path / "student", str(tmp_path / "teacher.pt")
+    train.main(train_args(photo_dir, shared_cache, base, max_steps=30))
+    train.main(["--out-dir", str(base), "--export", teacher_path, "--guidance", "2"])
+    train.main(train_args(photo_dir, shared_cache, student_dir, max_steps=60, warmup_steps=1, lr=3e-4)
+               + ["--init", teacher_path, "--guidance-input", "true", "--teacher", teacher_path,
+                  "--distil-steps", "2"])
+    teacher, student = load_model(teacher_path), load_model(str(student_dir / "ckpt.pt"), use_ema=False)
+    c = student.config
+    assert (c.sample_steps, c.sample_eta, c.guidance) == (2, 0.0, 2.0)
+    start = ColorDiffusion(c).eval()
+    start.load_state_dict(teacher.state_dict(), strict=False)
+    images, _ = dataset.build_cache(str(photo_dir), 16, str(shared_cache))
+    lab = torch.stack([dataset.PhotoDataset(images)[(i, 16, 16)] for i in range(8)])
+
+    def loss(m):  # the distillation loss at fixed points, noise and scales
+        torch.manual_seed(0)
+        return sum(m(lab, teacher=teacher).item() for _ in range(4))
+    with torch.no_grad():
+        before, after = loss(start), loss(student)
+    assert after < 0.85 * before, (before, after)
+    calls = []
+    student.unet.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    student.sample(lab[:, :1])
+    assert calls == [8, 8]  # two steps, one pass of the batch each
+    with pytest.raises(ValueError, match="distil_steps needs a --teacher"):
+        train.main(train_args(photo_dir, shared_cache, tmp_path / "x") + ["--distil-steps", "2"])
