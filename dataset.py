@@ -28,6 +28,7 @@ from torchvision.transforms.v2 import functional as TF
 from utils import ImageError, is_greyscale, lab_to_rgb, list_images, load_image, rgb_to_lab
 
 CACHE_SCALE = 2  # cached photos' short side, in training sizes: zoomed-in crops keep their detail
+CROP_AREA = (0.3, 2.6)  # the training crops' area in multiples of the photo's (Config.crop_area)
 ASPECTS = (1.0, 1.25, 0.8, 1.5, 2 / 3)  # height / width of a batch: square, portrait, landscape
 LUMA = {"rec601": (0.299, 0.587, 0.114), "rec709": (0.2126, 0.7152, 0.0722)}
 
@@ -88,13 +89,14 @@ def build_cache(folder, image_size, cache_dir="cache", workers=None):
     return images, kept
 
 
-def random_crop(img, h, w, g):
-    """A random resized crop of img (3, H, W) uint8 to (h, w): area 0.3-2.6x the photo's (above 1 the photo is
-    small in a reflect-padded frame, as a face in a portrait with room around it), the batch's aspect +-10%,
-    anywhere that keeps most of the photo in view, sometimes rotated up to 12 degrees; flipped half the time."""
+def random_crop(img, h, w, g, areas=CROP_AREA):
+    """A random resized crop of img (3, H, W) uint8 to (h, w): its area `areas` times the photo's, log-uniform
+    (above 1 the photo is small in a reflect-padded frame, as a face in a portrait with room around it), the
+    batch's aspect +-10%, anywhere that keeps most of the photo in view, sometimes rotated up to 12 degrees;
+    flipped half the time."""
     H, W = img.shape[-2:]
     area, jitter, cx, cy, rotate, angle, flip = torch.rand(7, generator=g).tolist()
-    area = math.exp(math.log(0.3) + area * math.log(2.6 / 0.3)) * H * W
+    area = math.exp(math.log(areas[0]) + area * math.log(areas[1] / areas[0])) * H * W
     ratio = (w / h) * math.exp(0.2 * (jitter - 0.5))
     pad = min(H, W) // 2 - 1  # reflect padding must be smaller than the image
     cw, ch = min(math.sqrt(area * ratio), W + 2 * pad), min(math.sqrt(area / ratio), H + 2 * pad)
@@ -147,8 +149,8 @@ class PhotoDataset(Dataset):
     With `train`, the crop and the greyscale are random (drawn from (seed, epoch, index)); without, the photo's
     centre at the batch's aspect, and LAB's own L."""
 
-    def __init__(self, images, train=False, seed=0):
-        self.images, self.train, self.seed, self.epoch = images, train, seed, 0
+    def __init__(self, images, train=False, seed=0, crop_area=CROP_AREA):
+        self.images, self.train, self.seed, self.crop_area, self.epoch = images, train, seed, crop_area, 0
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -166,7 +168,7 @@ class PhotoDataset(Dataset):
                                    [h, w], antialias=True)
             return rgb_to_lab(crop[None].float() / 255)[0]
         g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
-        rgb = random_crop(img, h, w, g).float() / 255
+        rgb = random_crop(img, h, w, g, self.crop_area).float() / 255
         lab = rgb_to_lab(rgb[None])[0]
         return torch.cat([grey_to_l(random_greyscale(rgb, g)), lab[1:]])
 
@@ -178,11 +180,11 @@ def mean_ab(images, n=2000):
     return torch.stack(means).mean(0)
 
 
-def load_split(folder, image_size, val_percent, cache_dir="cache", seed=0):
+def load_split(folder, image_size, val_percent, cache_dir="cache", seed=0, crop_area=CROP_AREA):
     """(train, val) PhotoDatasets over a folder, split by file name."""
     images, names = build_cache(folder, image_size, cache_dir)
     val = [is_validation(n, val_percent) for n in names]
-    return (PhotoDataset([x for x, v in zip(images, val) if not v], train=True, seed=seed),
+    return (PhotoDataset([x for x, v in zip(images, val) if not v], train=True, seed=seed, crop_area=crop_area),
             PhotoDataset([x for x, v in zip(images, val) if v]))
 
 

@@ -71,6 +71,9 @@ class Config:
     data: str = _field("img_align_celeba", "folder of colour photos")
     cache_dir: str = _field("cache", "where the decoded photos are kept")
     val_percent: float = _field(2.0, "held-out percentage of files (by file-name hash): the validation loss")
+    crop_area: tuple = _field((0.3, 2.6), "training crops' area in multiples of the photo's, log-uniform: below 1 "
+                                          "zoomed in (a face filling the frame), above 1 the photo small in a "
+                                          "reflect-padded frame")
     # training
     out_dir: str = _field("runs/celeba64", "checkpoints, sample grids, log")
     batch_size: int = _field(32, "global batch size (split across torchrun processes)")
@@ -111,6 +114,8 @@ class Config:
             (self.sampler in SAMPLERS, f"sampler must be one of {', '.join(SAMPLERS)}, not {self.sampler!r}"),
             (self.sample_steps >= 1 and self.sample_eta >= 0, "sample_steps must be >= 1 and sample_eta >= 0"),
             (0 <= self.val_percent < 100, "val_percent must be in [0, 100)"),
+            (len(self.crop_area) == 2 and 0 < self.crop_area[0] <= self.crop_area[1],
+             "crop_area must be two areas, 0 < smallest <= largest"),
             (self.batch_size >= 1 and self.lr > 0 and self.grad_clip > 0,
              "batch_size, lr and grad_clip must be positive"),
             (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)"),

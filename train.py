@@ -32,8 +32,9 @@ def parse_args(argv=None):
     defaults = Config()
     for f in fields(Config):
         default = getattr(defaults, f.name)
-        kind = {bool: lambda s: s.lower() in ("1", "true", "yes", "on"),
-                tuple: lambda s: tuple(int(x) for x in s.split(","))}.get(type(default), type(default))
+        kind = {bool: lambda s: s.lower() in ("1", "true", "yes", "on"),  # a tuple's items: of its default's type
+                tuple: lambda s, t=type(default[0]) if isinstance(default, tuple) else None:
+                    tuple(t(x) for x in s.split(","))}.get(type(default), type(default))
         # SUPPRESS: only flags given on the command line appear, so --resume can tell them from defaults
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=argparse.SUPPRESS,
                        help=f"{f.metadata['help']} (default: "
@@ -145,11 +146,13 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     if rank == 0:  # decode the data once; the other ranks then read the cache
-        train_ds, val_ds = load_split(config.data, config.image_size, config.val_percent, config.cache_dir, config.seed)
+        train_ds, val_ds = load_split(config.data, config.image_size, config.val_percent, config.cache_dir,
+                                     config.seed, config.crop_area)
     if distributed:
         dist.barrier()
     if rank != 0:
-        train_ds, val_ds = load_split(config.data, config.image_size, config.val_percent, config.cache_dir, config.seed)
+        train_ds, val_ds = load_split(config.data, config.image_size, config.val_percent, config.cache_dir,
+                                     config.seed, config.crop_area)
     if ckpt is None and not init:  # the colour sampling starts from (ColorDiffusion.sample); checkpoints keep theirs
         config.ab_mean = tuple(round(v, 5) for v in mean_ab(train_ds.images).tolist())
     local_batch = config.batch_size // world

@@ -7,8 +7,10 @@ import torch
 from PIL import Image
 
 import dataset
+import train
 import utils
 from conftest import BAD_FILES, IMAGE_H, IMAGE_W, N_IMAGES
+from model import Config
 
 
 def test_build_cache_keeps_whole_photos_larger_than_the_training_size(photo_dir, tmp_path, monkeypatch):
@@ -94,6 +96,24 @@ def test_augmentation_is_a_function_of_seed_epoch_index(shared_cache, photo_dir)
     c = dataset.PhotoDataset(images, train=True, seed=4)
     c.set_epoch(2)
     assert any(not torch.equal(a[(i, 16, 16)], c[(i, 16, 16)]) for i in range(len(images)))
+
+
+def test_crop_area_sets_how_much_of_the_photo_a_crop_shows():
+    """Config.crop_area reaches the crops: on a horizontal ramp, a crop of a quarter of the photo's area spans
+    about half its width, one of the whole area all of it."""
+    ramp = torch.linspace(0, 255, 200).round().to(torch.uint8).expand(3, 200, 200).contiguous()
+
+    def span(area):  # the ramp's range across the crop's middle row, as a share of the photo's, over seeds
+        spans = []
+        for seed in range(20):
+            crop = dataset.random_crop(ramp, 64, 64, torch.Generator().manual_seed(seed), (area, area))
+            spans.append((crop[0, 32, -2].float() - crop[0, 32, 1].float()).abs().item() / 255)
+        return float(np.median(spans))
+    assert abs(span(0.25) - 0.5) < 0.08 and abs(span(1.0) - 1.0) < 0.1, (span(0.25), span(1.0))
+    args = train.parse_args(["--crop-area", "0.15,2.6"])[3]
+    assert args["crop_area"] == (0.15, 2.6) and Config.from_dict(args).crop_area == (0.15, 2.6)
+    with pytest.raises(ValueError, match="crop_area"):
+        Config(crop_area=(2.0, 1.0))
 
 
 def test_greyscales_are_made_in_several_ways():
