@@ -32,9 +32,11 @@ def parse_args(argv=None):
     defaults = Config()
     for f in fields(Config):
         default = getattr(defaults, f.name)
-        kind = {bool: lambda s: s.lower() in ("1", "true", "yes", "on"),  # a tuple's items: of its default's type
-                tuple: lambda s, t=type(default[0]) if isinstance(default, tuple) else None:
-                    tuple(t(x) for x in s.split(","))}.get(type(default), type(default))
+        kind = type(default)
+        if kind is bool:
+            kind = lambda s: s.lower() in ("1", "true", "yes", "on")  # noqa: E731
+        elif kind is tuple:  # comma-separated, each item of the default's type (dim_mults: int, crop_area: float)
+            kind = lambda s, t=type(default[0]): tuple(t(x) for x in s.split(","))  # noqa: E731
         # SUPPRESS: only flags given on the command line appear, so --resume can tell them from defaults
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=argparse.SUPPRESS,
                        help=f"{f.metadata['help']} (default: "
