@@ -199,12 +199,13 @@ def timesteps(alphas_cumprod, steps):
 
 
 def denoised(denoise, x, t, a_t, threshold):
-    """(x0, eps) at x = x_t: the model's clean sample, thresholded if asked, and the noise consistent with it."""
+    """(x0, eps) at x = x_t: the model's clean sample, thresholded if asked, and the noise consistent with it
+    (a_t: a float, or a tensor that broadcasts)."""
     eps = denoise(x, t).float()
     x0 = predict_x0(x, eps, a_t)
     if threshold is not None:
         x0 = threshold(x0)
-        eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+        eps = (x - a_t ** 0.5 * x0) / (1 - a_t) ** 0.5
     return x0, eps
 
 
@@ -386,16 +387,19 @@ class ColorDiffusion(nn.Module):
                                                                                  for n in i.tolist()]))
             return t, a.float().view(-1, 1, 1, 1), a_next.float().view(-1, 1, 1, 1)
 
-        def step(x, k):
-            t, a, a_next = at(k)
-            eps = self.guided_eps(torch.cat([inputs[:, :1], x.to(inputs.dtype), inputs[:, 3:]], 1), t, w)
-            x0 = predict_x0(x, eps, a).clamp(-s, s)  # clipped, as sampling clips it
-            return a_next.sqrt() * x0 + (1 - a_next).sqrt() * (x - a.sqrt() * x0) / (1 - a).sqrt()
+        def guided(x, t):  # the teacher's guided eps with x as the noisy ab
+            return self.guided_eps(torch.cat([inputs[:, :1], x.to(inputs.dtype), inputs[:, 3:]], 1), t, w)
 
+        def step(x, point):  # deterministic DDIM, x0 clipped as sampling clips it
+            t, a, a_next = point
+            x0, eps = denoised(guided, x, t, a, lambda x0: x0.clamp(-s, s))
+            return a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+
+        here, mid = at(0), at(1)
         two = (i < last).to(x_t.device).view(-1, 1, 1, 1)
-        x = step(x_t, 0)
-        x = torch.where(two, step(x, 1), x)
-        a, a_next = at(0)[1], torch.where(two, at(1)[2], at(0)[2])
+        x = step(x_t, here)
+        x = torch.where(two, step(x, mid), x)
+        a, a_next = here[1], torch.where(two, mid[2], here[2])
         r = ((1 - a_next) / (1 - a)).sqrt()  # one DDIM step lands at sqrt(a_next) x0 + r (x_t - sqrt(a) x0)
         x0 = (x - r * x_t) / (a_next.sqrt() - r * a.sqrt())
         return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
