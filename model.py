@@ -369,10 +369,12 @@ class ColorDiffusion(nn.Module):
     loss = forward
 
     @torch.no_grad()
-    def guided_eps(self, inputs, t, w):
-        """Classifier-free guided eps for a batch of UNet inputs (L, x_t, [hints]) with a scale per image."""
+    def guided_eps(self, inputs, t, w, feats=None):
+        """Classifier-free guided eps for a batch of UNet inputs (L, x_t, [hints]) with a scale per image.
+        `feats`: the encoder's features of the pair's greyscales (L, then L = 0), if the caller has them."""
         inputs = torch.cat([inputs, torch.cat([torch.zeros_like(inputs[:, :1]), inputs[:, 1:]], 1)])
-        cond, uncond = self.unet(inputs, torch.cat([t, t]), self.encoder(inputs[:, :1])).float().chunk(2)
+        feats = self.encoder(inputs[:, :1]) if feats is None else feats
+        cond, uncond = self.unet(inputs, torch.cat([t, t]), feats).float().chunk(2)
         return uncond + w.view(-1, 1, 1, 1) * (cond - uncond)
 
     @torch.no_grad()
@@ -387,8 +389,11 @@ class ColorDiffusion(nn.Module):
                                                                                  for n in i.tolist()]))
             return t, a.float().view(-1, 1, 1, 1), a_next.float().view(-1, 1, 1, 1)
 
+        L = inputs[:, :1]
+        feats = self.encoder(torch.cat([L, torch.zeros_like(L)]))  # the same greyscales at both steps: once
+
         def guided(x, t):  # the teacher's guided eps with x as the noisy ab
-            return self.guided_eps(torch.cat([inputs[:, :1], x.to(inputs.dtype), inputs[:, 3:]], 1), t, w)
+            return self.guided_eps(torch.cat([L, x.to(inputs.dtype), inputs[:, 3:]], 1), t, w, feats)
 
         def step(x, point):  # deterministic DDIM, x0 clipped as sampling clips it
             t, a, a_next = point
