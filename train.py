@@ -147,14 +147,13 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
+    split = (config.data, config.image_size, config.val_percent, config.cache_dir, config.seed, config.crop_area)
     if rank == 0:  # decode the data once; the other ranks then read the cache
-        train_ds, val_ds = load_split(config.data, config.image_size, config.val_percent, config.cache_dir,
-                                     config.seed, config.crop_area)
+        train_ds, val_ds = load_split(*split)
     if distributed:
         dist.barrier()
     if rank != 0:
-        train_ds, val_ds = load_split(config.data, config.image_size, config.val_percent, config.cache_dir,
-                                     config.seed, config.crop_area)
+        train_ds, val_ds = load_split(*split)
     if ckpt is None and not init:  # the colour sampling starts from (ColorDiffusion.sample); checkpoints keep theirs
         config.ab_mean = tuple(round(v, 5) for v in mean_ab(train_ds.images).tolist())
     local_batch = config.batch_size // world
