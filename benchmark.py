@@ -55,8 +55,8 @@ def median_time(fn, device, repeats, max_time):
     return statistics.median(times)
 
 
-def step_inputs(model, batch, device):
-    h, w = inference.model_size(model, *PHOTO)
+def step_inputs(model, batch, device, size=None):
+    h, w = inference.model_size(model, *PHOTO, size)
     L = torch.rand(batch, 1, h, w, device=device) * 2 - 1
     x = torch.randn(batch, model.unet.init_conv.in_channels, h, w, device=device)
     with torch.inference_mode():
@@ -87,9 +87,10 @@ def runtimes(model, ov, device, use_amp, compile_too):
     return out
 
 
-def per_photo(model, device, batch, steps, guided, amp, repeats, encoder_every_step=False):
-    """Seconds per photo of a loop of `steps` UNet steps (pairs when guided), from the median step time."""
-    x, t, feats, w = step_inputs(model, batch * (2 if guided else 1), device)
+def per_photo(model, device, batch, steps, guided, amp, repeats, encoder_every_step=False, size=None):
+    """Seconds per photo of a loop of `steps` UNet steps (pairs when guided), from the median step time, at
+    short side `size` (default: the checkpoint's)."""
+    x, t, feats, w = step_inputs(model, batch * (2 if guided else 1), device, size)
     L = torch.rand(batch, 1, *x.shape[-2:], device=device)
 
     def step():
@@ -162,8 +163,8 @@ def main(argv=None):
              [per_photo(original, device, b, 350, False, False, repeats, True) for b in (1, 16)]),
             (f"our DDPM loop ({n_ddpm} steps{', guided' if c.guidance != 1 else ''})", n_ddpm * (1 + guided),
              [per_photo(model, device, b, n_ddpm, guided, use_amp, repeats) for b in (1, 16)]),
-            ("previous default: DDIM 100, eta 1, guidance 1.1, PyTorch", 200,
-             [per_photo(model, device, b, 100, True, use_amp, repeats) for b in (1, 16)])]
+            ("previous default: DDIM 100, eta 1, guidance 1.1, PyTorch, at the training size", 200,
+             [per_photo(model, device, b, 100, True, use_amp, repeats, size=c.image_size) for b in (1, 16)])]
     # the shipped default, run for real through colorize_batch: encoder, sampler, recombination at full size
     rng = np.random.default_rng(0)
     photos = [Image.fromarray(rng.integers(0, 256, PHOTO, dtype=np.uint8), "L") for _ in range(16)]

@@ -243,6 +243,7 @@ def main(argv=None):
                  [("sampler", args.sampler, "sampler"), ("steps", args.steps, "sample_steps"),
                   ("eta", args.eta, "sample_eta"), ("start", args.min_signal, "sample_min_signal"),
                   ("guidance", args.guidance, "guidance")]}
+        shown["size"] = args.size or c.sample_size or c.image_size
         if shown["sampler"] == "ddpm":
             shown.pop("steps"), shown.pop("eta")
         label = f"{os.path.basename(path)}: " + ", ".join(f"{k} {v}" for k, v in shown.items())

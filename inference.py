@@ -5,9 +5,9 @@
     python inference.py --image-path photos/                       # -> photos_color/, one file per image
     python inference.py --image-path photo.jpg --save-gif steps.gif  # the denoising process, animated
 
-The model predicts ab at its own resolution (short side = the training size); ab is then upsampled to the
-input's full size and recombined with the input's own full-resolution L, so no detail is lost. A colour
-photo is colorized from its lightness alone. `python inference.py --help` lists every flag.
+The model predicts ab at its own resolution (short side: the checkpoint's sample_size, or --size); ab is
+then upsampled to the input's full size and recombined with the input's own full-resolution L, so no detail
+is lost. A colour photo is colorized from its lightness alone. `python inference.py --help` lists every flag.
 """
 import argparse
 import hashlib
@@ -69,24 +69,27 @@ def greyscale_rgb(img: Image.Image) -> tuple[torch.Tensor, Image.Image | None]:
     return rgb.contiguous(), alpha
 
 
-def model_resolution(h, w, image_size, multiple=8, max_aspect=4):
-    """The size the model runs at: short side = image_size (the training scale), aspect kept, each side a
-    multiple of `multiple` so every UNet level divides evenly. The long side is capped at max_aspect x
-    image_size (a 1x5000 strip would otherwise run the model at 64x320000)."""
-    s = min(image_size / min(h, w), max_aspect * image_size / max(h, w))
+def model_resolution(h, w, short, multiple=8, max_aspect=4):
+    """The size the model runs at: short side `short`, aspect kept, each side a multiple of `multiple` so every
+    UNet level divides evenly. The long side is capped at max_aspect x short (a 1x5000 strip would otherwise
+    run the model at 64x320000)."""
+    s = min(short / min(h, w), max_aspect * short / max(h, w))
     return (max(multiple, round(h * s / multiple) * multiple), max(multiple, round(w * s / multiple) * multiple))
 
 
-def model_size(model, h, w):
-    """model_resolution for this model's training size and UNet depth."""
+def model_size(model, h, w, size=None):
+    """model_resolution at short side `size`; by default the checkpoint's sample_size, else its training size.
+    The shipped checkpoint samples at 96, above its training size of 64: a face in a whole photo gets as many
+    pixels as in training's zoomed-in crops (+0.7 dB on whole photos, and faces come out as bold whether they
+    fill the frame or not; docs/experiments.md, section 14)."""
     c = model.config
-    return model_resolution(h, w, c.image_size, 2 ** (len(c.dim_mults) - 1))
+    return model_resolution(h, w, size or c.sample_size or c.image_size, 2 ** (len(c.dim_mults) - 1))
 
 
-def model_input(model, img: Image.Image) -> torch.Tensor:
+def model_input(model, img: Image.Image, size=None) -> torch.Tensor:
     """The greyscale the model sees: (1, 1, h, w) normalized L at model_size, on the CPU."""
     rgb, _ = greyscale_rgb(img)
-    h, w = model_size(model, *rgb.shape[-2:])
+    h, w = model_size(model, *rgb.shape[-2:], size)
     # antialiased resize of the image, then its L: the same path the training data took
     return rgb_to_lab(F.interpolate(rgb, (h, w), mode="bicubic", antialias=True).clamp(0, 1))[:, :1]
 
@@ -141,18 +144,19 @@ def recombine(img: Image.Image, ab: torch.Tensor, hints: torch.Tensor | None = N
 
 @torch.inference_mode()
 def colorize_batch(model, images, num_samples=1, seed=None, callback=None, amp=None, batch_size=DEFAULT_BATCH,
-                   hints=None, unet=None, **sampling):
+                   hints=None, unet=None, size=None, **sampling):
     """Colorize a list of PIL images: returns, per image, a list of `num_samples` PIL images at that image's
     exact size. Images with the same model resolution are sampled together, up to `batch_size` rows (an image
     with num_samples=K takes K rows). `sampling` (sampler, steps, eta, min_signal, guidance,
     dynamic_thresholding) goes to model.sample: what is not given is the checkpoint's. `hints`: per image, None
-    or full-size hints (load_hints). `unet`: another runtime's UNet (OpenVINOUNet). With `seed`, the same
+    or full-size hints (load_hints). `unet`: another runtime's UNet (OpenVINOUNet). `size`: the short side the
+    model runs at (model_size; default: the checkpoint's). With `seed`, the same
     call gives the same result bit for bit. amp: bf16 autocast, see utils.use_bf16 (None: where it is fast).
     callback(i, n, x_t, x0) sees each step of each batch (model-space tensors, num_samples rows per image)."""
     device = next(model.parameters()).device
     amp = use_bf16(device, amp)
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    smalls = [model_input(model, img) for img in images]
+    smalls = [model_input(model, img, size) for img in images]
     hinted = hints is not None and any(h is not None for h in hints)
     groups = {}  # model resolution -> indices, in order of first appearance
     for i, L in enumerate(smalls):
@@ -327,6 +331,9 @@ def add_sampling_args(p):
     p.add_argument("--guidance", type=float,
                    help="classifier-free guidance scale: above 1 bolder colours, 1 none (default: the checkpoint's)")
     p.add_argument("--dynamic-threshold", action="store_true", help="Imagen's dynamic thresholding of x0")
+    p.add_argument("--size", type=int, help="the short side in pixels the model colours a photo at (its colours "
+                   "are then upsampled onto the photo's own L): smaller is faster and coarser (default: the "
+                   "checkpoint's)")
 
 
 def check_sampling_args(p, args):
@@ -334,6 +341,8 @@ def check_sampling_args(p, args):
         p.error("--ddpm (--sampler ddpm) runs every timestep with eta 1: leave out --steps and --eta")
     if args.steps is not None and args.steps < 1:
         p.error("--steps must be at least 1")
+    if args.size is not None and args.size < 8:
+        p.error("--size must be at least 8 pixels")
     for name in ("eta", "guidance"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             p.error(f"--{name} must be >= 0")
@@ -346,7 +355,7 @@ def check_sampling_args(p, args):
 def sampling_kwargs(args):
     """model.sample's settings from the flags of add_sampling_args (None: the checkpoint's)."""
     return dict(sampler=args.sampler, steps=args.steps, eta=args.eta, min_signal=args.min_signal,
-                guidance=args.guidance, dynamic_thresholding=args.dynamic_threshold)
+                guidance=args.guidance, dynamic_thresholding=args.dynamic_threshold, size=args.size)
 
 
 def parse_args(argv=None):
@@ -503,7 +512,7 @@ def run_file(args, device):
     model = _load(args, device)
     kwargs = _sampler_kwargs(args)
     unet = fast_unet(model, args.checkpoint, args.runtime)
-    recorder = GifRecorder(model, model_input(model, img), args.gif_show) if args.save_gif else None
+    recorder = GifRecorder(model, model_input(model, img, args.size), args.gif_show) if args.save_gif else None
     bar = tqdm(unit="step", leave=False, file=sys.stderr, disable=None)  # shown on a terminal only
 
     def callback(i, n, x_t, x0):

@@ -60,6 +60,8 @@ class Config:
     sample_eta: float = _field(1.0, "fresh noise per step: 0 deterministic, 1 DDPM-like")
     sample_min_signal: float = _field(0.04, "sampling starts at the noisiest t whose sqrt(alphas_cumprod) >= this")
     guidance: float = _field(1.0, "classifier-free guidance scale of sampling; 1 = none (needs cond_drop > 0)")
+    sample_size: int = _field(0, "short side in pixels the model samples a photo at; 0 = image_size. Larger than "
+                                 "the training size gives a face more pixels, as training's zoomed-in crops did")
     ab_mean: tuple = _field((0.0, 0.0), "mean ab/110 of the training photos (measured): sampling starts there")
     teacher: str = _field("", "guidance distillation (Meng et al. 2023): the checkpoint whose guided prediction "
                               "eps_uncond + w (eps - eps_uncond), w in [1, 3], the student learns; with "
@@ -113,6 +115,7 @@ class Config:
             min_signal_check(self.sample_min_signal, "sample_min_signal"),
             (self.sampler in SAMPLERS, f"sampler must be one of {', '.join(SAMPLERS)}, not {self.sampler!r}"),
             (self.sample_steps >= 1 and self.sample_eta >= 0, "sample_steps must be >= 1 and sample_eta >= 0"),
+            (self.sample_size >= 0, "sample_size must be >= 0"),
             (0 <= self.val_percent < 100, "val_percent must be in [0, 100)"),
             (len(self.crop_area) == 2 and 0 < self.crop_area[0] <= self.crop_area[1],
              "crop_area must be two areas, 0 < smallest <= largest"),
@@ -531,7 +534,7 @@ def load_model(path, device="cpu", use_ema=True):
     return model.to(device, memory_format=torch.channels_last).eval()
 
 
-SAMPLING_FIELDS = ("sampler", "sample_steps", "sample_eta", "sample_min_signal", "guidance")
+SAMPLING_FIELDS = ("sampler", "sample_steps", "sample_eta", "sample_min_signal", "guidance", "sample_size")
 
 
 def export_inference_checkpoint(src, dst, **sampling):

@@ -46,7 +46,7 @@ def parse_args(argv=None):
                    "or shipped, e.g. checkpoints/celeba64.pt): fine-tuning. Its model fields and ab_mean are kept")
     p.add_argument("--export", metavar="PATH", help="write <out-dir>/ckpt.pt's EMA weights (fp16) and config to "
                    "PATH for inference, e.g. checkpoints/celeba64.pt, and exit; --sampler, --sample-steps, "
-                   "--sample-eta, --sample-min-signal and --guidance set its sampling defaults")
+                   "--sample-eta, --sample-min-signal, --guidance and --sample-size set its sampling defaults")
     args = vars(p.parse_args(argv))
     return args.pop("resume"), args.pop("init"), args.pop("export"), args
 
@@ -181,6 +181,7 @@ def main(argv=None):
         if config.distil_steps:  # the student samples as the teacher, on every other point of its grid
             config.sampler, config.sample_steps, config.sample_eta = "ddim", config.distil_steps, 0.0
             config.sample_min_signal, config.guidance = teacher.config.sample_min_signal, teacher.config.guidance
+            config.sample_size = teacher.config.sample_size
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])

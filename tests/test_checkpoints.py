@@ -83,9 +83,9 @@ def test_exported_checkpoint_is_fp16_ema_and_samples_closely(tiny_config, tmp_pa
         train.main(["--out-dir", str(tmp_path), "--export", str(tmp_path / "bad.pt"), "--sample-min-signal", "1.5"])
     assert not (tmp_path / "bad.pt").exists()
     train.main(["--out-dir", str(tmp_path), "--export", str(dst), "--guidance", "1.5", "--sampler", "dpm++2m",
-                "--sample-steps", "8", "--sample-eta", "0"])
+                "--sample-steps", "8", "--sample-eta", "0", "--sample-size", "24"])
     assert load_model(str(dst)).config == Config(**{**tiny_config.to_dict(), "guidance": 1.5, "sampler": "dpm++2m",
-                                                    "sample_steps": 8, "sample_eta": 0.0})
+                                                    "sample_steps": 8, "sample_eta": 0.0, "sample_size": 24})
     with pytest.raises(ValueError, match="only the sampling settings"):
         train.main(["--out-dir", str(tmp_path), "--export", str(dst), "--dim", "16"])
 
@@ -96,7 +96,7 @@ def test_exported_checkpoint_is_fp16_ema_and_samples_closely(tiny_config, tmp_pa
     ("ema_decay", 1.0, "ema_decay"), ("batch_size", 0, "batch_size"), ("amp", "maybe", "amp"),
     ("device", "tpu", "device"), ("val_percent", 100.0, "val_percent"), ("dim_mults", (1, 0), "dim_mults"),
     ("cond_drop", 1.0, "cond_drop"), ("guidance", -1.0, "guidance"), ("sampler", "euler", "sampler must be one of"),
-    ("sample_steps", 0, "sample_steps")])
+    ("sample_steps", 0, "sample_steps"), ("sample_size", -1, "sample_size")])
 def test_config_rejects_values_that_would_fail_later(field, value, message):
     with pytest.raises(ValueError, match=message):
         Config(**{field: value})

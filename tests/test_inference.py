@@ -326,6 +326,7 @@ def test_bad_inputs_give_one_error_line(cli, tmp_path, ckpt):
         (["--image-path", ok], str(tmp_path / "nope.pt"), "nope.pt"),
         (["--image-path", ok, "--device", "nonsense"], ckpt, "nonsense"),
         (["--image-path", ok, "--guidance", "2"], str(tmp_path / "unguided.pt"), "cond_drop"),
+        (["--image-path", ok, "--size", "4"], ckpt, "--size"),
     ]
     for args, checkpoint, needle in cases:
         code, out, err = cli(*args, checkpoint=checkpoint)
@@ -371,6 +372,19 @@ def test_colorize_batch_groups_by_size_and_keeps_order(ckpt):
         assert diff.max() < 1.0
     single = inference.colorize(model, images[1], steps=3, seed=0)
     assert len(single) == 1 and single[0].size == (33, 17)
+
+
+def test_model_size_is_the_checkpoints_sample_size_unless_given(ckpt):
+    model = load_model(ckpt)
+    assert inference.model_size(model, 40, 20) == (32, 16)  # sample_size 0: the training size, 16
+    assert inference.model_size(model, 40, 20, size=24) == (48, 24)
+    model.config.sample_size = 32
+    assert inference.model_size(model, 40, 20) == (64, 32)
+    assert inference.model_input(model, photo(20, 40)).shape == (1, 1, 64, 32)
+    # the flag reaches the sampler's resolution: a bigger --size colours finer detail, so outputs differ
+    a = inference.colorize(model, photo(20, 40), steps=2, seed=0)[0]
+    b = inference.colorize(model, photo(20, 40), steps=2, seed=0, size=16)[0]
+    assert a.size == b.size == (20, 40) and not np.array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_model_resolution_keeps_aspect_within_limits():
