@@ -20,7 +20,7 @@ import sys
 
 # first: inference sets OMP_WAIT_POLICY before torch starts OpenMP (see there)
 from inference import (DEFAULT_CHECKPOINT, add_sampling_args, check_sampling_args, colorize_batch, fast_unet,
-                       load_hints, sampling_kwargs)
+                       load_hints, sampling_kwargs, short_side)
 import numpy as np
 import torch
 from PIL import Image, ImageOps
@@ -243,7 +243,7 @@ def main(argv=None):
                  [("sampler", args.sampler, "sampler"), ("steps", args.steps, "sample_steps"),
                   ("eta", args.eta, "sample_eta"), ("start", args.min_signal, "sample_min_signal"),
                   ("guidance", args.guidance, "guidance")]}
-        shown["size"] = args.size or c.sample_size or c.image_size
+        shown["size"] = short_side(model, args.size)
         if shown["sampler"] == "ddpm":
             shown.pop("steps"), shown.pop("eta")
         label = f"{os.path.basename(path)}: " + ", ".join(f"{k} {v}" for k, v in shown.items())

@@ -77,13 +77,17 @@ def model_resolution(h, w, short, multiple=8, max_aspect=4):
     return (max(multiple, round(h * s / multiple) * multiple), max(multiple, round(w * s / multiple) * multiple))
 
 
-def model_size(model, h, w, size=None):
-    """model_resolution at short side `size`; by default the checkpoint's sample_size, else its training size.
+def short_side(model, size=None):
+    """The short side the model samples at: `size`, else the checkpoint's sample_size, else its training size.
     The shipped checkpoint samples at 96, above its training size of 64: a face in a whole photo gets as many
-    pixels as in training's zoomed-in crops (+0.7 dB on whole photos, and faces come out as bold whether they
-    fill the frame or not; docs/experiments.md, section 14)."""
-    c = model.config
-    return model_resolution(h, w, size or c.sample_size or c.image_size, 2 ** (len(c.dim_mults) - 1))
+    pixels as in training's zoomed-in crops (more accurate on whole photos, and faces about as bold whether
+    they fill the frame or not; docs/experiments.md, section 14)."""
+    return size or model.config.sample_size or model.config.image_size
+
+
+def model_size(model, h, w, size=None):
+    """model_resolution at short_side(model, size), for this model's UNet depth."""
+    return model_resolution(h, w, short_side(model, size), 2 ** (len(model.config.dim_mults) - 1))
 
 
 def model_input(model, img: Image.Image, size=None) -> torch.Tensor:
@@ -150,8 +154,8 @@ def colorize_batch(model, images, num_samples=1, seed=None, callback=None, amp=N
     with num_samples=K takes K rows). `sampling` (sampler, steps, eta, min_signal, guidance,
     dynamic_thresholding) goes to model.sample: what is not given is the checkpoint's. `hints`: per image, None
     or full-size hints (load_hints). `unet`: another runtime's UNet (OpenVINOUNet). `size`: the short side the
-    model runs at (model_size; default: the checkpoint's). With `seed`, the same
-    call gives the same result bit for bit. amp: bf16 autocast, see utils.use_bf16 (None: where it is fast).
+    model runs at (short_side). With `seed`, the same call gives the same result bit for bit. amp: bf16
+    autocast, see utils.use_bf16 (None: where it is fast).
     callback(i, n, x_t, x0) sees each step of each batch (model-space tensors, num_samples rows per image)."""
     device = next(model.parameters()).device
     amp = use_bf16(device, amp)
