@@ -200,28 +200,29 @@ def colorize(model, img: Image.Image, num_samples=1, seed=None, callback=None, a
 # a fast CPU runtime
 
 class _UNetCall(nn.Module):
-    """model.unet with the encoder's features as separate inputs (after a student's guidance scales): the form
-    OpenVINO converts."""
+    """model.unet.denoise with the encoder's features as separate inputs: the form OpenVINO converts."""
 
     def __init__(self, unet):
         super().__init__()
-        self.unet, self.w = unet, unet.guidance_mlp is not None
+        self.unet = unet
 
-    def forward(self, x, t, *rest):
-        return self.unet(x, t, list(rest[self.w:]), rest[0] if self.w else None)
+    def forward(self, x, t_emb, *feats):
+        return self.unet.denoise(x, t_emb, list(feats))
 
 
 class OpenVINOUNet:
     """model.unet compiled by OpenVINO for this CPU, in bf16 where the CPU computes it natively: 7x PyTorch's
     speed for one photo on 2 cores, 1.6x in batches of 16 (benchmark.py). Called as model.unet is
-    (model.denoiser's `unet`). The network is converted once per checkpoint into CACHE (a few seconds, the first
-    time only), and compiled once per input shape; OpenVINO keeps the compiled blobs there too, so a later
-    process starts in a fraction of a second."""
+    (model.denoiser's `unet`); the timestep's embedding is computed here in float32 (UNet.embed). The network
+    is converted once per checkpoint into CACHE (a few seconds, the first time only), and compiled once per
+    input shape; OpenVINO keeps the compiled blobs there too, so a later process starts in a fraction of a
+    second."""
 
     def __init__(self, model, checkpoint):
         import openvino as ov
         st = os.stat(checkpoint)
-        key = f"{os.path.abspath(checkpoint)}:{st.st_size}:{st.st_mtime_ns}:{ov.__version__}"
+        # "embed": networks converted before the embedding left the graph take the timestep, not its embedding
+        key = f"{os.path.abspath(checkpoint)}:{st.st_size}:{st.st_mtime_ns}:{ov.__version__}:embed"
         folder = os.path.join(CACHE, hashlib.sha1(key.encode()).hexdigest()[:16])
         xml = os.path.join(folder, "unet.xml")
         if not os.path.exists(xml):
@@ -231,9 +232,9 @@ class OpenVINOUNet:
             print("note: converting the model for OpenVINO, once for this checkpoint", file=sys.stderr)
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the tracer's warnings about torch.jit are for developers
-                w = [torch.ones(1)] if c.guidance_input else []
+                t_emb = model.unet.embed(torch.zeros(1, dtype=torch.long), torch.ones(1))
                 converted = ov.convert_model(_UNetCall(model.unet).float().eval(),
-                                             example_input=(x, torch.zeros(1, dtype=torch.long), *w, *model.encoder(L)))
+                                             example_input=(x, t_emb, *model.encoder(L)))
             os.makedirs(CACHE, exist_ok=True)
             tmp = tempfile.mkdtemp(dir=CACHE)  # written whole, then moved: a crash leaves no half model
             ov.save_model(converted, os.path.join(tmp, "unet.xml"))
@@ -245,10 +246,12 @@ class OpenVINOUNet:
         self.core.set_property({"CACHE_DIR": folder})
         self.network = self.core.read_model(xml)
         self.config = {"INFERENCE_PRECISION_HINT": "bf16" if bf16_is_fast(torch.device("cpu")) else "f32"}
-        self.requests = {}
+        self.embed, self.requests = model.unet.embed, {}
 
     def __call__(self, x, t, feats, w=None):
-        inputs = [x.float(), t, *([] if w is None else [w.float()]), *(f.float() for f in feats)]
+        with torch.no_grad():
+            t_emb = self.embed(t, None if w is None else w.float())
+        inputs = [x.float(), t_emb.float(), *(f.float() for f in feats)]
         shapes = tuple(tuple(i.shape) for i in inputs)
         if shapes not in self.requests:  # static shapes run faster than dynamic ones
             network = self.network.clone()

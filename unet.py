@@ -151,9 +151,17 @@ class UNet(nn.Module):
     def forward(self, x, t, cond_feats, w=None):
         """x: (N, 3, H, W) L + noised ab; t: (N,) timesteps; cond_feats: the encoder's list of features;
         w: (N,) guidance scales, for a model with guidance_input."""
+        return self.denoise(x, self.embed(t, w), cond_feats)
+
+    def embed(self, t, w=None):
+        """The timestep's embedding (and the guidance scale's). Apart from denoise so that a bf16 runtime can
+        take it from float32: in bf16, t = 349 is 348 and sin(349 * freq) is noise (found by evaluating the two runtimes)."""
         t_emb = self.time_mlp(sinusoidal_embedding(t, self.dim))
         if self.guidance_mlp is not None:
             t_emb = t_emb + self.guidance_mlp(sinusoidal_embedding(100 * w, self.dim))  # w = 1.75 as "t" 175
+        return t_emb
+
+    def denoise(self, x, t_emb, cond_feats):
         x = self.init_conv(x)
         r, skips = x, []
         for level, feat in zip(self.downs, cond_feats):

@@ -54,6 +54,24 @@ def test_openvino_unet_matches_torch(tiny, monkeypatch):
     assert torch.equal(again(x, t, feats, w), out)
 
 
+def test_openvino_tells_neighbouring_timesteps_apart(tiny):
+    """In bf16 the integers 257-511 round to even ones: a timestep embedded inside a bf16 network saw t = 349
+    as 348 (and sin(349 * freq) far off), which made colours bolder. OpenVINO must step from t to t + 1 as
+    PyTorch does."""
+    model, path = tiny
+    ov = inference.OpenVINOUNet(model, path)
+    g = torch.Generator().manual_seed(2)
+    L = torch.rand(1, 1, 16, 16, generator=g) * 2 - 1
+    x = torch.cat([L, torch.randn(1, 5, 16, 16, generator=g)], 1)
+    w = torch.full((1,), 1.5) if model.config.guidance_input else None
+    with torch.no_grad():
+        feats = model.encoder(L)
+        ref = [model.unet(x, torch.tensor([t]), feats, w) for t in range(340, 351)]
+    out = [ov(x, torch.tensor([t]), feats, w) for t in range(340, 351)]
+    for t, (r0, r1, o0, o1) in enumerate(zip(ref, ref[1:], out, out[1:]), 340):
+        assert (o1 - o0).abs().mean() > 0.5 * (r1 - r0).abs().mean(), t
+
+
 def test_colorize_through_openvino_matches_torch(tiny):
     model, path = tiny
     img = Image.fromarray(np.tile(np.linspace(0, 255, 24, dtype=np.uint8), (20, 1)))
