@@ -155,7 +155,7 @@ class UNet(nn.Module):
 
     def embed(self, t, w=None):
         """The timestep's embedding (and the guidance scale's). Apart from denoise so that a bf16 runtime can
-        take it from float32: in bf16, t = 349 is 348 and sin(349 * freq) is noise (found by evaluating the two runtimes)."""
+        take it from float32: in bf16, t = 349 is 348 and sin(349 * freq) is noise (colours came out bolder)."""
         t_emb = self.time_mlp(sinusoidal_embedding(t, self.dim))
         if self.guidance_mlp is not None:
             t_emb = t_emb + self.guidance_mlp(sinusoidal_embedding(100 * w, self.dim))  # w = 1.75 as "t" 175
