@@ -32,7 +32,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from model import SAMPLERS, CheckpointError, guidance_check, load_model, min_signal_check
+from model import SAMPLERS, CheckpointError, guidance_check, interval_check, load_model, min_signal_check
 from utils import (IMAGE_EXTENSIONS, ImageError, bf16_is_fast, fit_to_gamut, is_greyscale, lab_to_rgb, list_images,
                    load_image, pick_device, pil_to_tensor, rgb_to_lab, save_image, tensor_to_pil, use_bf16)
 
@@ -151,7 +151,7 @@ def colorize_batch(model, images, num_samples=1, seed=None, callback=None, amp=N
                    hints=None, unet=None, size=None, **sampling):
     """Colorize a list of PIL images: returns, per image, a list of `num_samples` PIL images at that image's
     exact size. Images with the same model resolution are sampled together, up to `batch_size` rows (an image
-    with num_samples=K takes K rows). `sampling` (sampler, steps, eta, min_signal, guidance,
+    with num_samples=K takes K rows). `sampling` (sampler, steps, eta, min_signal, guidance, guidance_interval,
     dynamic_thresholding) goes to model.sample: what is not given is the checkpoint's. `hints`: per image, None
     or full-size hints (load_hints). `unet`: another runtime's UNet (OpenVINOUNet). `size`: the short side the
     model runs at (short_side). With `seed`, the same call gives the same result bit for bit. amp: bf16
@@ -324,6 +324,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+def _floats(text):
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, not {text!r}") from None
+
+
 def add_sampling_args(p):
     """The sampler flags, for this command line and evaluate.py; each defaults to the checkpoint's setting."""
     p.add_argument("--sampler", choices=list(SAMPLERS), help="ddim, dpm++2m (fewer steps), or ddpm: the full "
@@ -337,6 +344,9 @@ def add_sampling_args(p):
                    "bolder, less accurate colours (default: the checkpoint's)")
     p.add_argument("--guidance", type=float,
                    help="classifier-free guidance scale: above 1 bolder colours, 1 none (default: the checkpoint's)")
+    p.add_argument("--guidance-interval", metavar="LOW,HIGH", type=_floats,
+                   help="guide only the steps whose signal level is in this range, e.g. 0,1 every step "
+                   "(default: the checkpoint's)")
     p.add_argument("--dynamic-threshold", action="store_true", help="Imagen's dynamic thresholding of x0")
     p.add_argument("--size", type=int, help="the short side in pixels the model colours a photo at (its colours "
                    "are then upsampled onto the photo's own L): smaller is faster and coarser (default: the "
@@ -353,8 +363,8 @@ def check_sampling_args(p, args):
     for name in ("eta", "guidance"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             p.error(f"--{name} must be >= 0")
-    if args.min_signal is not None:
-        ok, message = min_signal_check(args.min_signal, "--min-signal")
+    for ok, message in [min_signal_check(args.min_signal or 0, "--min-signal"),
+                        interval_check(args.guidance_interval or (0, 1), "--guidance-interval")]:
         if not ok:
             p.error(message)
 
@@ -362,7 +372,8 @@ def check_sampling_args(p, args):
 def sampling_kwargs(args):
     """model.sample's settings from the flags of add_sampling_args (None: the checkpoint's)."""
     return dict(sampler=args.sampler, steps=args.steps, eta=args.eta, min_signal=args.min_signal,
-                guidance=args.guidance, dynamic_thresholding=args.dynamic_threshold, size=args.size)
+                guidance=args.guidance, guidance_interval=args.guidance_interval,
+                dynamic_thresholding=args.dynamic_threshold, size=args.size)
 
 
 def parse_args(argv=None):

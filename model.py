@@ -26,6 +26,12 @@ def guidance_check(guidance, cond_drop):
     return guidance == 1 or cond_drop > 0, "guidance other than 1 needs a model trained with cond_drop > 0"
 
 
+def interval_check(interval, name):
+    """(ok, message) for the steps guidance applies at: two signal levels, 0 <= low <= high <= 1."""
+    ok = len(interval) == 2 and 0 <= interval[0] <= interval[1] <= 1
+    return ok, f"{name} must be two signal levels, 0 <= low <= high <= 1"
+
+
 def _field(default, help, model=False):
     """A Config field: its help is train.py's --help; `model` fields shape the network (fixed when resuming)."""
     return field(default=default, metadata={"help": help, "model": model})
@@ -60,6 +66,9 @@ class Config:
     sample_eta: float = _field(1.0, "fresh noise per step: 0 deterministic, 1 DDPM-like")
     sample_min_signal: float = _field(0.04, "sampling starts at the noisiest t whose sqrt(alphas_cumprod) >= this")
     guidance: float = _field(1.0, "classifier-free guidance scale of sampling; 1 = none (needs cond_drop > 0)")
+    guidance_interval: tuple = _field((0.0, 1.0), "guidance applies only at steps whose signal level "
+                                                  "sqrt(alphas_cumprod) is in this range, the others run the "
+                                                  "conditional model alone (one pass); 0,1 = every step")
     sample_size: int = _field(0, "short side in pixels the model samples a photo at; 0 = image_size. Larger than "
                                  "the training size gives a face more pixels, as training's zoomed-in crops did")
     ab_mean: tuple = _field((0.0, 0.0), "mean ab/110 of the training photos (measured): sampling starts there")
@@ -109,6 +118,7 @@ class Config:
             (self.distil_steps == 0 or (self.teacher and self.distil_steps >= 2),
              "distil_steps needs a --teacher, and at least 2 steps (from 1 there is nothing to halve)"),
             guidance_check(self.guidance, self.cond_drop),
+            interval_check(self.guidance_interval, "guidance_interval"),
             (self.timesteps >= 2, "timesteps must be at least 2"),
             (self.ab_scale > 0, "ab_scale must be positive"),
             (self.min_snr_gamma >= 0 and self.snr_floor >= 0, "min_snr_gamma and snr_floor must be >= 0"),
@@ -412,33 +422,37 @@ class ColorDiffusion(nn.Module):
         x0 = (x - r * x_t) / (a_next.sqrt() - r * a.sqrt())
         return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
 
-    def denoiser(self, L, guidance=1.0, hints=None, unet=None):
+    def denoiser(self, L, guidance=1.0, hints=None, unet=None, interval=(0.0, 1.0)):
         """eps = denoise(x_t, t) for fixed greyscale L: the encoder runs here once, not at every step.
         guidance w != 1 is classifier-free guidance (Ho & Salimans 2022): eps_uncond + w (eps - eps_uncond),
         the unconditional eps from cond_drop's null condition L = 0, both in one batch; a guidance-distilled
-        student (config.guidance_input) takes w as an input and runs once. `hints` (N, 3, H, W): hinted ab
-        and mask, seen by a model trained with them (sample uses them with any). `unet` runs instead of
-        self.unet (another runtime)."""
+        student (config.guidance_input) takes w as an input and runs once. Guidance applies only at the steps
+        whose signal level sqrt(a_t) is in `interval` (Kynkaanniemi et al. 2024); the others run the conditional
+        half alone. `hints` (N, 3, H, W): hinted ab and mask, seen by a model trained with them (sample uses
+        them with any). `unet` runs instead of self.unet (another runtime)."""
         ok, message = guidance_check(guidance, self.config.cond_drop)
         if not ok:
             raise ValueError(message)
         unet = self.unet if unet is None else unet
-        guided = guidance != 1 and not self.config.guidance_input  # a student gives the guided eps in one pass
-        if guided:
+        student, n = self.config.guidance_input, L.shape[0]
+        paired = guidance != 1 and not student  # a student gives the guided eps in one pass
+        if paired:
             L = torch.cat([L, torch.zeros_like(L)])
         feats = self.encoder(L)
         extra = []
         if self.config.hints:  # both halves of a guided batch see the hints: guidance is over the greyscale
             extra = [torch.zeros(L.shape[0], 3, *L.shape[2:], device=L.device, dtype=L.dtype) if hints is None
-                     else (torch.cat([hints, hints]) if guided else hints).to(L.dtype)]
-        # a student's scale, one per image (it never runs the guided pair)
-        w = torch.full((L.shape[0],), float(guidance), device=L.device) if self.config.guidance_input else None
+                     else (torch.cat([hints, hints]) if paired else hints).to(L.dtype)]
 
         def denoise(x, t):
-            x = torch.cat([x, x]) if guided else x
-            t = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            eps = unet(torch.cat([L, x.to(L.dtype), *extra], dim=1), t, feats, w)
-            if guided:
+            guided = guidance != 1 and interval[0] <= self.alphas_cumprod[t].item() ** 0.5 <= interval[1]
+            k = 2 * n if guided and paired else n  # rows of L, feats and hints this step uses
+            w = torch.full((n,), float(guidance) if guided else 1.0, device=x.device) if student else None
+            x = torch.cat([x, x]) if k > n else x
+            t = torch.full((k,), t, device=x.device, dtype=torch.long)
+            eps = unet(torch.cat([L[:k], x.to(L.dtype), *(e[:k] for e in extra)], dim=1), t,
+                       [f[:k] for f in feats], w)
+            if k > n:
                 cond, uncond = eps.float().chunk(2)
                 eps = uncond + guidance * (cond - uncond)
             return eps
@@ -456,15 +470,16 @@ class ColorDiffusion(nn.Module):
 
     @torch.no_grad()
     def sample(self, L, sampler=None, steps=None, eta=None, dynamic_thresholding=False, min_signal=None,
-               guidance=None, hints=None, generator=None, callback=None, unet=None):
+               guidance=None, guidance_interval=None, hints=None, generator=None, callback=None, unet=None):
         """L: (N, 1, H, W) in [-1, 1] -> ab_n (N, 2, H, W). `sampler` (see SAMPLERS), `steps`, `eta`, `min_signal`
-        (where sampling starts, see sampling_schedule) and `guidance` default to the config's; `hints` and
-        `unet`: see `denoiser`. x0 is clipped to the data range at every step, or dynamically thresholded.
-        `callback(i, n, x_t, x0)` sees model-space tensors."""
+        (where sampling starts, see sampling_schedule), `guidance` and `guidance_interval` default to the
+        config's; `hints` and `unet`: see `denoiser`. x0 is clipped to the data range at every step, or
+        dynamically thresholded. `callback(i, n, x_t, x0)` sees model-space tensors."""
         c, s = self.config, self.config.ab_scale
         sampler = SAMPLERS[c.sampler if sampler is None else sampler]
         steps, eta = c.sample_steps if steps is None else steps, c.sample_eta if eta is None else eta
-        denoise = self.denoiser(L, c.guidance if guidance is None else guidance, hints, unet)
+        denoise = self.denoiser(L, c.guidance if guidance is None else guidance, hints, unet,
+                                c.guidance_interval if guidance_interval is None else guidance_interval)
         ac = self.sampling_schedule(min_signal)
         # x_t at the start: sqrt(a) x0 + sqrt(1 - a) noise, with x0 taken as the data's mean colour. The mean
         # colour of x_t is measurable from thousands of pixels, so zero-mean noise would tell the model the
@@ -534,7 +549,8 @@ def load_model(path, device="cpu", use_ema=True):
     return model.to(device, memory_format=torch.channels_last).eval()
 
 
-SAMPLING_FIELDS = ("sampler", "sample_steps", "sample_eta", "sample_min_signal", "guidance", "sample_size")
+SAMPLING_FIELDS = ("sampler", "sample_steps", "sample_eta", "sample_min_signal", "guidance", "guidance_interval",
+                   "sample_size")
 
 
 def export_inference_checkpoint(src, dst, **sampling):

@@ -134,6 +134,30 @@ def test_guidance_extrapolates_from_the_unconditional_prediction(tiny_config):
         _sample(m, L, 0, steps=4)
 
 
+def test_guidance_interval_guides_only_its_steps(tiny_config):
+    """Outside guidance_interval a step is the conditional model alone, in one UNet pass over the N rows;
+    inside it the guided pair (2N rows). sample() takes the config's interval unless given one."""
+    torch.manual_seed(0)
+    m = ColorDiffusion(tiny_config).eval()
+    g = torch.Generator().manual_seed(3)
+    L = torch.rand(2, 1, 16, 16, generator=g) * 2 - 1
+    x = torch.randn(2, 2, 16, 16, generator=g)
+    rows = []
+    m.unet.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+    signal = m.alphas_cumprod.sqrt()
+    t_noisy, t_clean = int((signal < 0.3).nonzero()[0]), int((signal > 0.7).nonzero()[-1])
+    with torch.no_grad():
+        cond, guided = m.denoiser(L)(x, t_noisy), m.denoiser(L, 2.5)(x, t_noisy)
+        late = m.denoiser(L, 2.5, interval=(0.5, 1.0))
+        assert torch.equal(late(x, t_noisy), cond) and not torch.allclose(guided, cond)
+        assert torch.allclose(late(x, t_clean), m.denoiser(L, 2.5)(x, t_clean), atol=1e-5)
+    assert rows == [2, 4, 2, 4, 4]
+    m.config.guidance = 2.5
+    m.config.guidance_interval = (0.5, 1.0)
+    assert torch.equal(_sample(m, L, 0, steps=4), _sample(m, L, 0, steps=4, guidance_interval=(0.5, 1.0)))
+    assert not torch.equal(_sample(m, L, 0, steps=4), _sample(m, L, 0, steps=4, guidance_interval=(0.0, 1.0)))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # networks
 

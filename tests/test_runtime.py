@@ -72,10 +72,11 @@ def test_openvino_tells_neighbouring_timesteps_apart(tiny):
         assert (o1 - o0).abs().mean() > 0.5 * (r1 - r0).abs().mean(), t
 
 
-def test_colorize_through_openvino_matches_torch(tiny):
+@pytest.mark.parametrize("interval", [(0.0, 1.0), (0.0, 0.5)])  # every step guided; the noisiest only
+def test_colorize_through_openvino_matches_torch(tiny, interval):
     model, path = tiny
     img = Image.fromarray(np.tile(np.linspace(0, 255, 24, dtype=np.uint8), (20, 1)))
-    kw = dict(seed=0, sampler="dpm++2m", steps=4, amp=False)
+    kw = dict(seed=0, sampler="dpm++2m", steps=4, amp=False, guidance_interval=interval)
     ours = np.asarray(inference.colorize(model, img, unet=inference.fast_unet(model, path), **kw)[0], dtype=float)
     ref = np.asarray(inference.colorize(model, img, **kw)[0], dtype=float)
     assert np.abs(ours - ref).mean() < 3  # levels of 255
