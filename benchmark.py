@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model import ColorDiffusion, Config, load_model, timesteps
+from model import ColorDiffusion, Config, guided_timesteps, load_model, timesteps
 from utils import bf16_is_fast, pick_device
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -158,11 +158,10 @@ def main(argv=None):
     print("|---|---|---|---|---|---|")
     original = ColorDiffusion(ORIGINAL).eval().to(device)
     n_ddpm = len(model.sampling_schedule())
-    lo, hi = c.guidance_interval
+    paired = set() if c.guidance_input else guided_timesteps(model.alphas_cumprod, c.guidance, c.guidance_interval)
 
-    def guided_steps(steps):  # steps that run a pair of UNet passes: in the guidance interval, not a student
-        ts = timesteps(model.sampling_schedule(), steps)
-        return sum(c.guidance != 1 and not c.guidance_input and lo <= a ** 0.5 <= hi for _, a, _ in ts)
+    def guided_steps(steps):  # steps that run a pair of UNet passes (a student runs once)
+        return sum(t in paired for t, _, _ in timesteps(model.sampling_schedule(), steps))
     k = guided_steps(n_ddpm)
     rows = [("the original's loop (dim 128, 350 steps, encoder every step, float32)", 350,
              [per_photo(original, device, b, 350, False, False, repeats, True) for b in (1, 16)]),

@@ -33,8 +33,9 @@ from torch import nn
 from tqdm import tqdm
 
 from model import SAMPLERS, CheckpointError, guidance_check, interval_check, load_model, min_signal_check
-from utils import (IMAGE_EXTENSIONS, ImageError, bf16_is_fast, fit_to_gamut, is_greyscale, lab_to_rgb, list_images,
-                   load_image, pick_device, pil_to_tensor, rgb_to_lab, save_image, tensor_to_pil, use_bf16)
+from utils import (IMAGE_EXTENSIONS, ImageError, bf16_is_fast, comma_separated, fit_to_gamut, is_greyscale,
+                   lab_to_rgb, list_images, load_image, pick_device, pil_to_tensor, rgb_to_lab, save_image,
+                   tensor_to_pil, use_bf16)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "color-diffusion")
@@ -324,13 +325,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def _floats(text):
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, not {text!r}") from None
-
-
 def add_sampling_args(p):
     """The sampler flags, for this command line and evaluate.py; each defaults to the checkpoint's setting."""
     p.add_argument("--sampler", choices=list(SAMPLERS), help="ddim, dpm++2m (fewer steps), or ddpm: the full "
@@ -344,7 +338,7 @@ def add_sampling_args(p):
                    "bolder, less accurate colours (default: the checkpoint's)")
     p.add_argument("--guidance", type=float,
                    help="classifier-free guidance scale: above 1 bolder colours, 1 none (default: the checkpoint's)")
-    p.add_argument("--guidance-interval", metavar="LOW,HIGH", type=_floats,
+    p.add_argument("--guidance-interval", metavar="LOW,HIGH", type=comma_separated(float),
                    help="guide only the steps whose signal level is in this range, e.g. 0,1 every step "
                    "(default: the checkpoint's)")
     p.add_argument("--dynamic-threshold", action="store_true", help="Imagen's dynamic thresholding of x0")

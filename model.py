@@ -32,6 +32,14 @@ def interval_check(interval, name):
     return ok, f"{name} must be two signal levels, 0 <= low <= high <= 1"
 
 
+def guided_timesteps(alphas_cumprod, guidance, interval):
+    """The timesteps classifier-free guidance applies at: those whose signal level sqrt(a_t) is in `interval`
+    (none when guidance is 1). One rule for the sampler and for counting its UNet passes."""
+    if guidance == 1:
+        return set()
+    return {t for t, s in enumerate(alphas_cumprod.sqrt().tolist()) if interval[0] <= s <= interval[1]}
+
+
 def _field(default, help, model=False):
     """A Config field: its help is train.py's --help; `model` fields shape the network (fixed when resuming)."""
     return field(default=default, metadata={"help": help, "model": model})
@@ -444,8 +452,10 @@ class ColorDiffusion(nn.Module):
             extra = [torch.zeros(L.shape[0], 3, *L.shape[2:], device=L.device, dtype=L.dtype) if hints is None
                      else (torch.cat([hints, hints]) if paired else hints).to(L.dtype)]
 
+        guided_ts = guided_timesteps(self.alphas_cumprod, guidance, interval)  # once: no device sync per step
+
         def denoise(x, t):
-            guided = guidance != 1 and interval[0] <= self.alphas_cumprod[t].item() ** 0.5 <= interval[1]
+            guided = t in guided_ts
             k = 2 * n if guided and paired else n  # rows of L, feats and hints this step uses
             w = torch.full((n,), float(guidance) if guided else 1.0, device=x.device) if student else None
             x = torch.cat([x, x]) if k > n else x

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from dataset import batch_shape, load_split, make_loader, mean_ab
 from model import (CheckpointError, ColorDiffusion, Config, ema_update, export_inference_checkpoint, load_checkpoint,
                    load_model, save_checkpoint)
-from utils import lab_to_rgb, pick_device, use_bf16
+from utils import comma_separated, lab_to_rgb, pick_device, use_bf16
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train the Color Diffusion model.",
@@ -36,7 +36,7 @@ def parse_args(argv=None):
         if kind is bool:
             kind = lambda s: s.lower() in ("1", "true", "yes", "on")  # noqa: E731
         elif kind is tuple:  # comma-separated, each item of the default's type (dim_mults: int, crop_area: float)
-            kind = lambda s, t=type(default[0]): tuple(t(x) for x in s.split(","))  # noqa: E731
+            kind = comma_separated(type(default[0]))
         # SUPPRESS: only flags given on the command line appear, so --resume can tell them from defaults
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=argparse.SUPPRESS,
                        help=f"{f.metadata['help']} (default: "

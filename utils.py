@@ -4,6 +4,7 @@ Model-space LAB ("normalized LAB") is used everywhere above this file:
     L_n  = L / 50 - 1        L  in [0, 100]      -> L_n  in [-1, 1]
     ab_n = ab / 110          ab in about +-110   -> ab_n in about [-1, 1]   (the original's scaling)
 """
+import argparse
 import os
 
 import numpy as np
@@ -178,3 +179,13 @@ def bf16_is_fast(device: torch.device) -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def comma_separated(kind):
+    """An argparse type: "0.5,0.9" -> (0.5, 0.9), each item converted by `kind` (int, float)."""
+    def parse(text):
+        try:
+            return tuple(kind(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, not {text!r}") from None
+    return parse
