@@ -160,14 +160,17 @@ def main(argv=None):
     n_ddpm = len(model.sampling_schedule())
     paired = set() if c.guidance_input else guided_timesteps(model.alphas_cumprod, c.guidance, c.guidance_interval)
 
-    def guided_steps(steps):  # steps that run a pair of UNet passes (a student runs once)
-        return sum(t in paired for t, _, _ in timesteps(model.sampling_schedule(), steps))
-    k = guided_steps(n_ddpm)
+    def unet_steps(steps):  # (UNet evaluations, of them guided pairs) of one sample; a student runs once at
+        # a guided step, and an antithetic start evaluates its first step twice
+        ts = [t for t, _, _ in timesteps(model.sampling_schedule(), steps)]
+        ts += ts[:1] if c.sample_antithetic else []
+        return len(ts), sum(t in paired for t in ts)
+    n, k = unet_steps(n_ddpm)
     rows = [("the original's loop (dim 128, 350 steps, encoder every step, float32)", 350,
              [per_photo(original, device, b, 350, False, False, repeats, True) for b in (1, 16)]),
-            (f"our DDPM loop ({n_ddpm} steps, {k} guided)", n_ddpm + k,
+            (f"our DDPM loop ({n_ddpm} steps, {k} guided)", n + k,
              [per_photo(model, device, b, k, True, use_amp, repeats) +
-              per_photo(model, device, b, n_ddpm - k, False, use_amp, repeats) for b in (1, 16)]),
+              per_photo(model, device, b, n - k, False, use_amp, repeats) for b in (1, 16)]),
             ("previous default: DDIM 100, eta 1, guidance 1.1, PyTorch, at the training size", 200,
              [per_photo(model, device, b, 100, True, use_amp, repeats, size=c.image_size) for b in (1, 16)])]
     # the shipped default, run for real through colorize_batch: encoder, sampler, recombination at full size
@@ -180,9 +183,9 @@ def main(argv=None):
     default = f"{c.sampler} {c.sample_steps}" + (f", eta {c.sample_eta}" if c.sampler != "ddim" or c.sample_eta else "")
     guidance = f", guidance {c.guidance}" + (" (distilled: one pass)" if c.guidance_input else "") + \
         (f" at signal {c.guidance_interval[0]}-{c.guidance_interval[1]}" if c.guidance_interval != (0, 1) else "")
-    rows.append((f"**shipped default: {default}{guidance if c.guidance != 1 else ''}, "
-                 f"{'OpenVINO' if ov else 'PyTorch'}** (run, not extrapolated)",
-                 c.sample_steps + guided_steps(c.sample_steps), real))
+    rows.append((f"**shipped default: {default}{guidance if c.guidance != 1 else ''}"
+                 f"{', antithetic start' if c.sample_antithetic else ''}, "
+                 f"{'OpenVINO' if ov else 'PyTorch'}** (run, not extrapolated)", sum(unet_steps(c.sample_steps)), real))
     base = rows[0][2]
     for name, passes, (one, folder) in rows:
         print(f"| {name} | {passes} | {one:.3f} | {base[0] / one:.0f}x | {folder:.3f} | {base[1] / folder:.0f}x |",

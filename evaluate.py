@@ -247,6 +247,8 @@ def main(argv=None):
             shown.pop("interval")
         else:
             shown["interval"] = ",".join(map(str, shown["interval"]))
+        if args.antithetic if args.antithetic is not None else c.sample_antithetic:
+            shown["start"] = f"{shown['start']} (antithetic)"
         shown["size"] = short_side(model, args.size)
         if shown["sampler"] == "ddpm":
             shown.pop("steps"), shown.pop("eta")

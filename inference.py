@@ -153,9 +153,9 @@ def colorize_batch(model, images, num_samples=1, seed=None, callback=None, amp=N
     """Colorize a list of PIL images: returns, per image, a list of `num_samples` PIL images at that image's
     exact size. Images with the same model resolution are sampled together, up to `batch_size` rows (an image
     with num_samples=K takes K rows). `sampling` (sampler, steps, eta, min_signal, guidance, guidance_interval,
-    dynamic_thresholding) goes to model.sample: what is not given is the checkpoint's. `hints`: per image, None
-    or full-size hints (load_hints). `unet`: another runtime's UNet (OpenVINOUNet). `size`: the short side the
-    model runs at (short_side). With `seed`, the same call gives the same result bit for bit. amp: bf16
+    antithetic, dynamic_thresholding) goes to model.sample: what is not given is the checkpoint's. `hints`: per
+    image, None or full-size hints (load_hints). `unet`: another runtime's UNet (OpenVINOUNet). `size`: the short
+    side the model runs at (short_side). With `seed`, the same call gives the same result bit for bit. amp: bf16
     autocast, see utils.use_bf16 (None: where it is fast).
     callback(i, n, x_t, x0) sees each step of each batch (model-space tensors, num_samples rows per image)."""
     device = next(model.parameters()).device
@@ -341,6 +341,9 @@ def add_sampling_args(p):
     p.add_argument("--guidance-interval", metavar="LOW,HIGH", type=comma_separated(float),
                    help="guide only the steps whose signal level is in this range, e.g. 0,1 every step "
                    "(default: the checkpoint's)")
+    p.add_argument("--antithetic", action=argparse.BooleanOptionalAction,
+                   help="average the first step's guess over the start noise and its negation: steadier colours "
+                   "(default: the checkpoint's)")
     p.add_argument("--dynamic-threshold", action="store_true", help="Imagen's dynamic thresholding of x0")
     p.add_argument("--size", type=int, help="the short side in pixels the model colours a photo at (its colours "
                    "are then upsampled onto the photo's own L): smaller is faster and coarser (default: the "
@@ -366,7 +369,7 @@ def check_sampling_args(p, args):
 def sampling_kwargs(args):
     """model.sample's settings from the flags of add_sampling_args (None: the checkpoint's)."""
     return dict(sampler=args.sampler, steps=args.steps, eta=args.eta, min_signal=args.min_signal,
-                guidance=args.guidance, guidance_interval=args.guidance_interval,
+                guidance=args.guidance, guidance_interval=args.guidance_interval, antithetic=args.antithetic,
                 dynamic_thresholding=args.dynamic_threshold, size=args.size)
 
 

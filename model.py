@@ -77,6 +77,9 @@ class Config:
     guidance_interval: tuple = _field((0.0, 1.0), "guidance applies only at steps whose signal level "
                                                   "sqrt(alphas_cumprod) is in this range, the others run the "
                                                   "conditional model alone (one pass); 0,1 = every step")
+    sample_antithetic: bool = _field(False, "the first step's clean guess is the mean of those at the start noise "
+                                            "and at its negation (antithetic variates): the colours the model "
+                                            "reads into the noise cancel, at two more UNet passes (one pair)")
     sample_size: int = _field(0, "short side in pixels the model samples a photo at; 0 = image_size. Larger than "
                                  "the training size gives a face more pixels, as training's zoomed-in crops did")
     ab_mean: tuple = _field((0.0, 0.0), "mean ab/110 of the training photos (measured): sampling starts there")
@@ -228,6 +231,19 @@ def denoised(denoise, x, t, a_t, threshold):
         x0 = threshold(x0)
         eps = (x - a_t ** 0.5 * x0) / (1 - a_t) ** 0.5
     return x0, eps
+
+
+def antithetic_start(denoise, t_start, centre, a_start):
+    """denoise, except that at t_start, where x = x_T = centre + sqrt(1 - a) z, it gives the noise whose x0 is
+    the mean of the x0 at x and at its mirror centre - sqrt(1 - a) z. At so little signal the model reads part
+    of z's low frequencies as colour (a lavender cheek at one seed, a brown one at the next); that part, odd
+    in z, cancels, and what is left is the colour the greyscale itself implies."""
+    def wrapped(x, t):
+        if t != t_start:
+            return denoise(x, t)
+        eps = (denoise(x, t).float() + denoise(2 * centre - x, t).float()) / 2
+        return eps + (x - centre) / math.sqrt(1 - a_start)
+    return wrapped
 
 
 def ddim_sample(denoise, x, alphas_cumprod, steps, eta=0.0, generator=None, threshold=None, callback=None):
@@ -480,11 +496,12 @@ class ColorDiffusion(nn.Module):
 
     @torch.no_grad()
     def sample(self, L, sampler=None, steps=None, eta=None, dynamic_thresholding=False, min_signal=None,
-               guidance=None, guidance_interval=None, hints=None, generator=None, callback=None, unet=None):
+               guidance=None, guidance_interval=None, antithetic=None, hints=None, generator=None, callback=None,
+               unet=None):
         """L: (N, 1, H, W) in [-1, 1] -> ab_n (N, 2, H, W). `sampler` (see SAMPLERS), `steps`, `eta`, `min_signal`
-        (where sampling starts, see sampling_schedule), `guidance` and `guidance_interval` default to the
-        config's; `hints` and `unet`: see `denoiser`. x0 is clipped to the data range at every step, or
-        dynamically thresholded. `callback(i, n, x_t, x0)` sees model-space tensors."""
+        (where sampling starts, see sampling_schedule), `guidance`, `guidance_interval` and `antithetic` (see
+        antithetic_start) default to the config's; `hints` and `unet`: see `denoiser`. x0 is clipped to the data
+        range at every step, or dynamically thresholded. `callback(i, n, x_t, x0)` sees model-space tensors."""
         c, s = self.config, self.config.ab_scale
         sampler = SAMPLERS[c.sampler if sampler is None else sampler]
         steps, eta = c.sample_steps if steps is None else steps, c.sample_eta if eta is None else eta
@@ -495,9 +512,11 @@ class ColorDiffusion(nn.Module):
         # colour of x_t is measurable from thousands of pixels, so zero-mean noise would tell the model the
         # picture is on average grey, and it would colour it so (measured: 3 dB PSNR lost, a cold cast).
         a = ac[-1].item()
-        mean = torch.tensor(self.config.ab_mean, device=L.device).view(1, 2, 1, 1) * s
-        x = math.sqrt(a) * mean + math.sqrt(1 - a) * torch.randn(
-            (L.shape[0], 2, *L.shape[2:]), generator=generator, device=L.device)
+        centre = math.sqrt(a) * torch.tensor(self.config.ab_mean, device=L.device).view(1, 2, 1, 1) * s
+        x = centre + math.sqrt(1 - a) * torch.randn((L.shape[0], 2, *L.shape[2:]), generator=generator,
+                                                    device=L.device)
+        if c.sample_antithetic if antithetic is None else antithetic:
+            denoise = antithetic_start(denoise, len(ac) - 1, centre, a)
         # x0 is also kept in the data range (|ab_n| <= 1), or dynamically thresholded
         def threshold(x0):
             x0 = dynamic_threshold(x0, bound=s) if dynamic_thresholding else x0.clamp(-s, s)
@@ -560,7 +579,7 @@ def load_model(path, device="cpu", use_ema=True):
 
 
 SAMPLING_FIELDS = ("sampler", "sample_steps", "sample_eta", "sample_min_signal", "guidance", "guidance_interval",
-                   "sample_size")
+                   "sample_antithetic", "sample_size")
 
 
 def export_inference_checkpoint(src, dst, **sampling):

@@ -83,10 +83,11 @@ def test_exported_checkpoint_is_fp16_ema_and_samples_closely(tiny_config, tmp_pa
         train.main(["--out-dir", str(tmp_path), "--export", str(tmp_path / "bad.pt"), "--sample-min-signal", "1.5"])
     assert not (tmp_path / "bad.pt").exists()
     train.main(["--out-dir", str(tmp_path), "--export", str(dst), "--guidance", "1.5", "--sampler", "dpm++2m",
-                "--sample-steps", "8", "--sample-eta", "0", "--sample-size", "24", "--guidance-interval", "0.5,0.9"])
+                "--sample-steps", "8", "--sample-eta", "0", "--sample-size", "24", "--guidance-interval", "0.5,0.9",
+                "--sample-antithetic", "true"])
     assert load_model(str(dst)).config == Config(**{**tiny_config.to_dict(), "guidance": 1.5, "sampler": "dpm++2m",
                                                     "sample_steps": 8, "sample_eta": 0.0, "sample_size": 24,
-                                                    "guidance_interval": (0.5, 0.9)})
+                                                    "guidance_interval": (0.5, 0.9), "sample_antithetic": True})
     with pytest.raises(ValueError, match="guidance_interval must be"):
         train.main(["--out-dir", str(tmp_path), "--export", str(tmp_path / "bad.pt"), "--guidance-interval", "0.9,0.5"])
     with pytest.raises(ValueError, match="only the sampling settings"):

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import train
-from model import (ColorDiffusion, Config, cosine_schedule, ddim_sample, ddpm_sample, dpmpp_2m_sample, random_hints,
-                   dynamic_threshold, linear_schedule, q_sample)
+from model import (ColorDiffusion, Config, antithetic_start, cosine_schedule, ddim_sample, ddpm_sample, dpmpp_2m_sample,
+                   dynamic_threshold, linear_schedule, predict_x0, q_sample, random_hints)
 from unet import GreyscaleEncoder, UNet, level_dims
 
 
@@ -156,6 +156,48 @@ def test_guidance_interval_guides_only_its_steps(tiny_config):
     m.config.guidance_interval = (0.5, 1.0)
     assert torch.equal(_sample(m, L, 0, steps=4), _sample(m, L, 0, steps=4, guidance_interval=(0.5, 1.0)))
     assert not torch.equal(_sample(m, L, 0, steps=4), _sample(m, L, 0, steps=4, guidance_interval=(0.0, 1.0)))
+
+
+def test_antithetic_start_cancels_the_colour_read_into_the_start_noise():
+    """A model whose first guess echoes the start noise z (0.3 z, odd in z) and also bends it (0.1 z^2): with
+    antithetic_start its first x0 is the truth plus the even part only, whatever the seed; other steps are
+    the model's own."""
+    a, t0 = 0.0016, 9
+    centre = a ** 0.5 * torch.tensor([0.1, -0.2]).view(1, 2, 1, 1)
+    truth = torch.randn(1, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def denoise(x, t):
+        z = (x - centre) / (1 - a) ** 0.5
+        return (x - a ** 0.5 * (truth + 0.3 * z + 0.1 * z ** 2)) / (1 - a) ** 0.5
+    wrapped = antithetic_start(denoise, t0, centre, a)
+    for seed in range(3):
+        z = torch.randn(1, 2, 8, 8, generator=torch.Generator().manual_seed(seed))
+        x = centre + (1 - a) ** 0.5 * z
+        assert torch.allclose(predict_x0(x, wrapped(x, t0), a), truth + 0.1 * z ** 2, atol=1e-4), seed
+        assert not torch.allclose(predict_x0(x, denoise(x, t0), a), truth + 0.1 * z ** 2, atol=0.1)
+        assert torch.equal(wrapped(x, t0 - 1), denoise(x, t0 - 1))
+
+
+def test_sample_evaluates_an_antithetic_first_step_twice(tiny_config):
+    """sample(antithetic=True) runs the first step's UNet on the start noise and on its mirror, every other step
+    once; sample() takes the config's setting unless given one."""
+    torch.manual_seed(0)
+    m = ColorDiffusion(tiny_config).eval()
+    m.config.ab_mean = (0.05, 0.1)
+    L = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    xs = []
+    m.unet.register_forward_hook(lambda mod, args, out: xs.append(args[0][:, 1:3].clone()))
+    plain = _sample(m, L, 0, steps=3)
+    assert len(xs) == 3
+    xs.clear()
+    anti = _sample(m, L, 0, steps=3, antithetic=True)
+    assert len(xs) == 4 and not torch.equal(anti, plain)
+    a = m.sampling_schedule()[-1].item()
+    centre = a ** 0.5 * torch.tensor(m.config.ab_mean).view(1, 2, 1, 1) * tiny_config.ab_scale
+    assert torch.allclose(xs[0] + xs[1], 2 * centre.expand_as(xs[0]), atol=1e-6)  # x_T and its mirror
+    m.config.sample_antithetic = True
+    assert torch.equal(_sample(m, L, 0, steps=3), anti)
+    assert torch.equal(_sample(m, L, 0, steps=3, antithetic=False), plain)
 
 
 # ---------------------------------------------------------------------------------------------------------
