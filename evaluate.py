@@ -242,12 +242,13 @@ def main(argv=None):
         shown = {k: (v if v is not None else getattr(c, f)) for k, v, f in
                  [("sampler", args.sampler, "sampler"), ("steps", args.steps, "sample_steps"),
                   ("eta", args.eta, "sample_eta"), ("start", args.min_signal, "sample_min_signal"),
-                  ("guidance", args.guidance, "guidance"), ("interval", args.guidance_interval, "guidance_interval")]}
+                  ("guidance", args.guidance, "guidance"), ("interval", args.guidance_interval, "guidance_interval"),
+                  ("antithetic", args.antithetic, "sample_antithetic")]}
         if shown["guidance"] == 1 or tuple(shown["interval"]) == (0, 1):  # the interval says nothing then
             shown.pop("interval")
         else:
             shown["interval"] = ",".join(map(str, shown["interval"]))
-        if args.antithetic if args.antithetic is not None else c.sample_antithetic:
+        if shown.pop("antithetic"):
             shown["start"] = f"{shown['start']} (antithetic)"
         shown["size"] = short_side(model, args.size)
         if shown["sampler"] == "ddpm":
