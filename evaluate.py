@@ -12,6 +12,8 @@ reflect-padded); rotated (15 degrees, alternating sign, cropped to the picture);
   dE00      CIEDE2000 of the colour alone: output and truth both at the truth's L, lower is better
   gross     the share of pixels whose dE00 exceeds 20: wrong colours, the blotches a mean hides
   CF        Hasler-Suesstrunk colourfulness; dCF = |mean CF(outputs) - mean CF(truth)|
+  face/rest CF(outputs) - CF(truth) inside the face square (the tight view's, re-framed with the photo) and
+            outside it: a whole-photo CF near the truth's can be a bold face beside muted clothes and rooms
 Writes <out>/eval.md (the table) and <out>/grid.png (per view and checkpoint: greyscale | ours | truth).
 """
 import argparse
@@ -58,6 +60,15 @@ def view(img: Image.Image, name: str, k: int) -> Image.Image:
 VIEWS = ("whole", "tight", "loose", "rotated", "landscape")
 
 
+def face_mask(photo: Image.Image, name: str, k: int) -> np.ndarray:
+    """Where the tight view's face square lies in a view of the photo: a mask re-framed as the photo is."""
+    w, h = photo.size
+    s = round(0.62 * w)
+    mask = Image.new("RGB", photo.size)
+    mask.paste((255, 255, 255), ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    return np.asarray(view(mask, name, k))[..., 0] > 127
+
+
 def colourfulness(rgb):
     """Hasler & Suesstrunk (2003), M3 = sigma_rgyb + 0.3 mu_rgyb, on 0-255 RGB."""
     r, g, b = (rgb[..., i].astype(np.float64) for i in range(3))
@@ -96,10 +107,11 @@ def at_hints(out, hint):
     return deltaE_ciede2000(lab_out[mask], lab_hint[mask]).mean()
 
 
-def evaluate(model, photos, batch_size=16, seed=0, unet=None, hints=None, **sampling):
+def evaluate(model, photos, batch_size=16, seed=0, unet=None, hints=None, masks=None, **sampling):
     """photos: colour PIL images. Colorizes each one's PIL greyscale as inference.py does (`unet`: its runtime),
     with `hints` (per photo, an RGBA hint image) if given; then also the error at the hinted pixels, and the
-    diversity away from them (the mean CIEDE2000 between two samples there). Returns ({metric: mean}, outputs)."""
+    diversity away from them (the mean CIEDE2000 between two samples there). `masks` (per photo, face_mask): the
+    colourfulness bias inside and outside them. Returns ({metric: mean}, outputs)."""
     greys = [p.convert("L") for p in photos]
     samples = 1 if hints is None else 2
     outputs = []
@@ -113,12 +125,15 @@ def evaluate(model, photos, batch_size=16, seed=0, unet=None, hints=None, **samp
     for k, (photo, grey, outs) in enumerate(zip(photos, greys, outputs)):
         truth, out = np.asarray(photo), np.asarray(outs[0])
         row = scores(out, truth) + scores(np.asarray(grey.convert("RGB")), truth) + (colourfulness(truth),)
+        bias = [colourfulness(out[sel]) - colourfulness(truth[sel]) if sel.any() else np.nan
+                for sel in ((masks[k], ~masks[k]) if masks is not None else ())]
+        row += tuple(bias) if bias else (np.nan, np.nan)
         if hints is not None:
             away = np.asarray(hints[k])[..., 3] == 0
             row += (at_hints(out, hints[k]), deltaE_ciede2000(rgb2lab(out), rgb2lab(np.asarray(outs[1])))[away].mean())
         rows.append(row)
-    names = ("psnr", "de", "gross", "cf", "psnr_grey", "de_grey", "gross_grey", "cf_grey", "cf_truth", "hint_de",
-             "diversity")
+    names = ("psnr", "de", "gross", "cf", "psnr_grey", "de_grey", "gross_grey", "cf_grey", "cf_truth", "cf_face",
+             "cf_rest", "hint_de", "diversity")
     # the error at the hints is left out (nan) for photos without any
     m = {k: float(np.nanmean(col)) if np.isfinite(col).any() else np.nan for k, col in zip(names, np.array(rows).T)}
     m["dcf"] = abs(m["cf"] - m["cf_truth"])
@@ -127,17 +142,18 @@ def evaluate(model, photos, batch_size=16, seed=0, unet=None, hints=None, **samp
 
 def table(results):
     """results: [(label, view, metrics)] -> a markdown table, the greyscale baseline once per view."""
-    lines = ["| view | | PSNR (dB) ↑ | CIEDE2000 ↓ | gross (dE00 > 20) ↓ | colourfulness (truth) | dCF ↓ |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| view | | PSNR (dB) ↑ | CIEDE2000 ↓ | gross (dE00 > 20) ↓ | colourfulness (truth) | dCF ↓ "
+             "| face / rest: CF - truth |", "|---|---|---|---|---|---|---|---|"]
     shown = set()
     for label, name, m in results:
         if name not in shown:
             shown.add(name)
             lines.append(f"| {name} | greyscale input | {m['psnr_grey']:.2f} | {m['de_grey']:.2f} | "
                          f"{100 * m['gross_grey']:.1f}% | {m['cf_grey']:.1f} ({m['cf_truth']:.1f}) | "
-                         f"{abs(m['cf_grey'] - m['cf_truth']):.1f} |")
+                         f"{abs(m['cf_grey'] - m['cf_truth']):.1f} | |")
+        split = " / ".join("–" if np.isnan(m[k]) else f"{m[k]:+.1f}" for k in ("cf_face", "cf_rest"))
         lines.append(f"| {name} | {label} | {m['psnr']:.2f} | {m['de']:.2f} | {100 * m['gross']:.1f}% | "
-                     f"{m['cf']:.1f} ({m['cf_truth']:.1f}) | {m['dcf']:.1f} |")
+                     f"{m['cf']:.1f} ({m['cf_truth']:.1f}) | {m['dcf']:.1f} | {split} |")
     return "\n".join(lines)
 
 
@@ -267,11 +283,12 @@ def main(argv=None):
             continue
         for name in views:
             framed = [view(photo, name, k) for k, photo in enumerate(photos)]
-            m, outputs = evaluate(model, framed, args.batch_size, args.seed, unet, **sampling)
+            masks = [face_mask(photo, name, k) for k, photo in enumerate(photos)]
+            m, outputs = evaluate(model, framed, args.batch_size, args.seed, unet, masks=masks, **sampling)
             results.append((label, name, m))
             rows += [[f.convert("L") for f in framed], outputs, framed]
             print(f"{name}, {label}: PSNR {m['psnr']:.2f} dE00 {m['de']:.2f} gross {100 * m['gross']:.1f}% "
-                  f"dCF {m['dcf']:.1f}", file=sys.stderr)
+                  f"dCF {m['dcf']:.1f} face/rest {m['cf_face']:+.1f}/{m['cf_rest']:+.1f}", file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
     if clicks is not None:
         md = hints_table(results)

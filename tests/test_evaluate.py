@@ -39,6 +39,20 @@ def test_views_reframe_the_photo():
     assert (rotated == (200, 150, 120)).all(), "cropped inside the rotated picture: no empty corners"
 
 
+def test_face_mask_follows_the_face_through_every_view():
+    # a grey photo with a red face square: in every view the mask covers the red pixels and only those
+    photo = Image.new("RGB", (178, 218), (128, 128, 128))
+    mask = evaluate.face_mask(photo, "whole", 0)
+    photo.paste((220, 40, 40), Image.fromarray(mask))
+    assert mask.sum() == round(0.62 * 178) ** 2 and not mask[:, :20].any()
+    for name in evaluate.VIEWS:
+        for k in (0, 1):
+            red = np.asarray(evaluate.view(photo, name, k))[..., 0] > 174
+            mask = evaluate.face_mask(photo, name, k)
+            assert mask.shape == red.shape and (mask == red).mean() > 0.995, name
+    assert evaluate.face_mask(photo, "tight", 0).all() and not evaluate.face_mask(photo, "loose", 0).all()
+
+
 def test_evaluate_writes_table_and_grid_for_several_checkpoints(tiny_checkpoint, photo_dir, tmp_path):
     paths = []
     for name, guidance in (("a", 1.0), ("b", 1.5)):
@@ -51,6 +65,11 @@ def test_evaluate_writes_table_and_grid_for_several_checkpoints(tiny_checkpoint,
     assert table.count("greyscale input") == 2  # once per view
     assert "a.pt: sampler ddim, steps 2" in table and "guidance 1.5" in table
     assert table.count("| whole |") == 3 and table.count("| tight |") == 3
+    # the face / rest split: both parts of a whole photo, the face alone in a tight crop
+    splits = [line.split(" | ")[-1] for line in table.splitlines() if ".pt: " in line]
+    assert all(len(s.split(" / ")) == 2 for s in splits)
+    whole, tight = splits[0].split(" / "), splits[1].split(" / ")
+    assert "–" not in whole and tight[0] != "–" and tight[1].startswith("–")
     grid = Image.open(out / "grid.png")
     assert grid.height > 2 * 2 * 3 * 90  # greyscale | ours | truth for each view and checkpoint
     for bad in (["--views", "sideways"], ["--guidance", "-1"], ["--num-images", "0"]):
