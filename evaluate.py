@@ -125,15 +125,15 @@ def evaluate(model, photos, batch_size=16, seed=0, unet=None, hints=None, masks=
     for k, (photo, grey, outs) in enumerate(zip(photos, greys, outputs)):
         truth, out = np.asarray(photo), np.asarray(outs[0])
         row = scores(out, truth) + scores(np.asarray(grey.convert("RGB")), truth) + (colourfulness(truth),)
-        bias = [colourfulness(out[sel]) - colourfulness(truth[sel]) if sel.any() else np.nan
-                for sel in ((masks[k], ~masks[k]) if masks is not None else ())]
-        row += tuple(bias) if bias else (np.nan, np.nan)
+        parts = (masks[k], ~masks[k]) if masks is not None else ()
+        row += tuple(colourfulness(out[sel]) - colourfulness(truth[sel]) if sel.any() else np.nan for sel in parts) or \
+            (np.nan, np.nan)
         if hints is not None:
             away = np.asarray(hints[k])[..., 3] == 0
             row += (at_hints(out, hints[k]), deltaE_ciede2000(rgb2lab(out), rgb2lab(np.asarray(outs[1])))[away].mean())
         rows.append(row)
-    names = ("psnr", "de", "gross", "cf", "psnr_grey", "de_grey", "gross_grey", "cf_grey", "cf_truth", "cf_face",
-             "cf_rest", "hint_de", "diversity")
+    names = ("psnr", "de", "gross", "cf", "psnr_grey", "de_grey", "gross_grey", "cf_grey", "cf_truth", "bias_face",
+             "bias_rest", "hint_de", "diversity")
     # the error at the hints is left out (nan) for photos without any
     m = {k: float(np.nanmean(col)) if np.isfinite(col).any() else np.nan for k, col in zip(names, np.array(rows).T)}
     m["dcf"] = abs(m["cf"] - m["cf_truth"])
@@ -151,7 +151,7 @@ def table(results):
             lines.append(f"| {name} | greyscale input | {m['psnr_grey']:.2f} | {m['de_grey']:.2f} | "
                          f"{100 * m['gross_grey']:.1f}% | {m['cf_grey']:.1f} ({m['cf_truth']:.1f}) | "
                          f"{abs(m['cf_grey'] - m['cf_truth']):.1f} | |")
-        split = " / ".join("–" if np.isnan(m[k]) else f"{m[k]:+.1f}" for k in ("cf_face", "cf_rest"))
+        split = " / ".join("–" if np.isnan(m[k]) else f"{m[k]:+.1f}" for k in ("bias_face", "bias_rest"))
         lines.append(f"| {name} | {label} | {m['psnr']:.2f} | {m['de']:.2f} | {100 * m['gross']:.1f}% | "
                      f"{m['cf']:.1f} ({m['cf_truth']:.1f}) | {m['dcf']:.1f} | {split} |")
     return "\n".join(lines)
@@ -288,7 +288,7 @@ def main(argv=None):
             results.append((label, name, m))
             rows += [[f.convert("L") for f in framed], outputs, framed]
             print(f"{name}, {label}: PSNR {m['psnr']:.2f} dE00 {m['de']:.2f} gross {100 * m['gross']:.1f}% "
-                  f"dCF {m['dcf']:.1f} face/rest {m['cf_face']:+.1f}/{m['cf_rest']:+.1f}", file=sys.stderr)
+                  f"dCF {m['dcf']:.1f} face/rest {m['bias_face']:+.1f}/{m['bias_rest']:+.1f}", file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
     if clicks is not None:
         md = hints_table(results)
