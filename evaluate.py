@@ -37,14 +37,19 @@ from utils import ImageError, list_images, load_image, pick_device
 GROSS = 20  # CIEDE2000 above this is a different colour, not a shade of the right one
 
 
+def face_box(w, h):
+    """The square around the face of a w x h photo: CelebA's aligned faces sit in the middle."""
+    s = round(0.62 * w)
+    return (w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s
+
+
 def view(img: Image.Image, name: str, k: int) -> Image.Image:
     """One re-framing of an RGB photo (k: the photo's index, for the rotation's sign)."""
     w, h = img.size
     if name == "whole":
         return img
-    if name == "tight":  # CelebA's aligned faces sit in the middle
-        s = round(0.62 * w)
-        return img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    if name == "tight":
+        return img.crop(face_box(w, h))
     if name == "loose":
         arr = np.pad(np.asarray(img), ((round(0.3 * h),) * 2, (round(0.3 * w),) * 2, (0, 0)), mode="reflect")
         return Image.fromarray(arr)
@@ -61,11 +66,10 @@ VIEWS = ("whole", "tight", "loose", "rotated", "landscape")
 
 
 def face_mask(photo: Image.Image, name: str, k: int) -> np.ndarray:
-    """Where the tight view's face square lies in a view of the photo: a mask re-framed as the photo is."""
-    w, h = photo.size
-    s = round(0.62 * w)
+    """Where the face square lies in a view of the photo: a mask re-framed as the photo is (in the loose view's
+    padding too, where the square's edges are mirrored)."""
     mask = Image.new("RGB", photo.size)
-    mask.paste((255, 255, 255), ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    mask.paste((255, 255, 255), face_box(*photo.size))
     return np.asarray(view(mask, name, k))[..., 0] > 127
 
 
@@ -74,6 +78,11 @@ def colourfulness(rgb):
     r, g, b = (rgb[..., i].astype(np.float64) for i in range(3))
     rg, yb = r - g, 0.5 * (r + g) - b
     return np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean())
+
+
+def colourfulness_bias(out, truth, sel):
+    """Colourfulness of the output minus the truth's, over the pixels `sel` (nan where there are none)."""
+    return colourfulness(out[sel]) - colourfulness(truth[sel]) if sel.any() else np.nan
 
 
 def scores(out, truth):
@@ -125,9 +134,8 @@ def evaluate(model, photos, batch_size=16, seed=0, unet=None, hints=None, masks=
     for k, (photo, grey, outs) in enumerate(zip(photos, greys, outputs)):
         truth, out = np.asarray(photo), np.asarray(outs[0])
         row = scores(out, truth) + scores(np.asarray(grey.convert("RGB")), truth) + (colourfulness(truth),)
-        parts = (masks[k], ~masks[k]) if masks is not None else ()
-        row += tuple(colourfulness(out[sel]) - colourfulness(truth[sel]) if sel.any() else np.nan for sel in parts) or \
-            (np.nan, np.nan)
+        row += ((colourfulness_bias(out, truth, masks[k]), colourfulness_bias(out, truth, ~masks[k]))
+                if masks is not None else (np.nan, np.nan))
         if hints is not None:
             away = np.asarray(hints[k])[..., 3] == 0
             row += (at_hints(out, hints[k]), deltaE_ciede2000(rgb2lab(out), rgb2lab(np.asarray(outs[1])))[away].mean())
@@ -138,6 +146,10 @@ def evaluate(model, photos, batch_size=16, seed=0, unet=None, hints=None, masks=
     m = {k: float(np.nanmean(col)) if np.isfinite(col).any() else np.nan for k, col in zip(names, np.array(rows).T)}
     m["dcf"] = abs(m["cf"] - m["cf_truth"])
     return m, [outs[0] for outs in outputs]
+
+
+def face_rest(m):
+    return " / ".join("–" if np.isnan(m[k]) else f"{m[k]:+.1f}" for k in ("bias_face", "bias_rest"))
 
 
 def table(results):
@@ -151,9 +163,8 @@ def table(results):
             lines.append(f"| {name} | greyscale input | {m['psnr_grey']:.2f} | {m['de_grey']:.2f} | "
                          f"{100 * m['gross_grey']:.1f}% | {m['cf_grey']:.1f} ({m['cf_truth']:.1f}) | "
                          f"{abs(m['cf_grey'] - m['cf_truth']):.1f} | |")
-        split = " / ".join("–" if np.isnan(m[k]) else f"{m[k]:+.1f}" for k in ("bias_face", "bias_rest"))
         lines.append(f"| {name} | {label} | {m['psnr']:.2f} | {m['de']:.2f} | {100 * m['gross']:.1f}% | "
-                     f"{m['cf']:.1f} ({m['cf_truth']:.1f}) | {m['dcf']:.1f} | {split} |")
+                     f"{m['cf']:.1f} ({m['cf_truth']:.1f}) | {m['dcf']:.1f} | {face_rest(m)} |")
     return "\n".join(lines)
 
 
@@ -288,7 +299,7 @@ def main(argv=None):
             results.append((label, name, m))
             rows += [[f.convert("L") for f in framed], outputs, framed]
             print(f"{name}, {label}: PSNR {m['psnr']:.2f} dE00 {m['de']:.2f} gross {100 * m['gross']:.1f}% "
-                  f"dCF {m['dcf']:.1f} face/rest {m['bias_face']:+.1f}/{m['bias_rest']:+.1f}", file=sys.stderr)
+                  f"dCF {m['dcf']:.1f} face / rest {face_rest(m)}", file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
     if clicks is not None:
         md = hints_table(results)
