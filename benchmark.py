@@ -168,8 +168,8 @@ def main(argv=None):
     n, k = unet_steps(n_ddpm)
     rows = [("the original's loop (dim 128, 350 steps, encoder every step, float32)", 350,
              [per_photo(original, device, b, 350, False, False, repeats, True) for b in (1, 16)]),
-            (f"our DDPM loop ({n_ddpm} steps, {sum(t in paired for t in range(n_ddpm))} guided"
-             f"{', the first twice' if c.sample_antithetic else ''})", n + k,
+            (f"our DDPM loop ({n_ddpm} steps{', the first twice' if c.sample_antithetic else ''}: "
+             f"{k} of {n} UNet evaluations guided)", n + k,
              [per_photo(model, device, b, k, True, use_amp, repeats) +
               per_photo(model, device, b, n - k, False, use_amp, repeats) for b in (1, 16)]),
             ("previous default: DDIM 100, eta 1, guidance 1.1, PyTorch, at the training size", 200,
