@@ -92,8 +92,8 @@ def parse_colour(colour) -> str:
 def build_demo(model, unet=None) -> gr.Blocks:
     c, T = model.config, model.config.timesteps
 
-    def run(photo, hints, sampler, steps, start, guidance, num_samples, seed, random_seed, dynamic_thresholding,
-            progress=gr.Progress()):
+    def run(photo, hints, sampler, steps, start, guidance, guidance_first, num_samples, seed, random_seed,
+            dynamic_thresholding, progress=gr.Progress()):
         img = open_upload(photo)
         seed = random.randrange(2 ** 31) if random_seed or seed is None else int(seed)
         progress(0, desc="Denoising")
@@ -103,7 +103,8 @@ def build_demo(model, unet=None) -> gr.Blocks:
 
         samples = colorize(model, img, sampler=sampler, steps=int(steps), num_samples=int(num_samples), seed=seed,
                            dynamic_thresholding=bool(dynamic_thresholding), min_signal=float(start),
-                           guidance=float(guidance), callback=callback, unet=unet,
+                           guidance=float(guidance), guidance_first=float(guidance_first), callback=callback,
+                           unet=unet,
                            hints=load_hints(hint_image(img, hints), img.size) if hints else None)
         return (img, samples[0]), samples, seed
 
@@ -163,8 +164,12 @@ def build_demo(model, unet=None) -> gr.Blocks:
                                       label="Sampling start (signal level)",
                                       info="lower: bolder colours, more mistakes")
                     # only a model trained with cond_drop has the unconditional colours that guidance needs
-                    guidance = gr.Slider(0, 3, value=model.config.guidance, step=0.05, label="Guidance",
-                                         info="higher: bolder colours; 1: none", visible=model.config.cond_drop > 0)
+                    guidance = gr.Slider(0, 3, value=c.guidance, step=0.05, label="Guidance",
+                                         info="higher: bolder colours; 1: none", visible=c.cond_drop > 0)
+                    guidance_first = gr.Slider(0, 3, value=c.guidance_first or c.guidance, step=0.05,
+                                               label="Guidance at the first step", visible=c.cond_drop > 0,
+                                               info="where the colours are chosen: lower than Guidance keeps "
+                                                    "faces from outshining the rest; 0: as Guidance")
                     num_samples = gr.Slider(1, MAX_SAMPLES, value=1, step=1, label="Number of samples",
                                             elem_id="samples-count")
                     with gr.Row():
@@ -188,8 +193,8 @@ def build_demo(model, unet=None) -> gr.Blocks:
         photo.change(lambda photo: (show_hints(photo, []), []), photo, [hint_view, hints], preprocess=False)
         hint_view.select(add_hint, [photo, hints, colour], [hint_view, hints], preprocess=False)
         clear.click(lambda photo: (show_hints(photo, []), []), photo, [hint_view, hints], preprocess=False)
-        button.click(run, [photo, hints, sampler, steps, start, guidance, num_samples, seed, random_seed,
-                           dynamic_thresholding], [comparison, gallery, seed], preprocess=False)
+        button.click(run, [photo, hints, sampler, steps, start, guidance, guidance_first, num_samples, seed,
+                           random_seed, dynamic_thresholding], [comparison, gallery, seed], preprocess=False)
     return demo
 
 

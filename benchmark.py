@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model import ColorDiffusion, Config, guided_timesteps, load_model, timesteps
+from model import ColorDiffusion, Config, guidance_scales, load_model, timesteps
 from utils import bf16_is_fast, pick_device
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -158,7 +158,8 @@ def main(argv=None):
     print("|---|---|---|---|---|---|")
     original = ColorDiffusion(ORIGINAL).eval().to(device)
     n_ddpm = len(model.sampling_schedule())
-    paired = set() if c.guidance_input else guided_timesteps(model.alphas_cumprod, c.guidance, c.guidance_interval)
+    paired = {} if c.guidance_input else guidance_scales(model.alphas_cumprod, c.guidance, c.guidance_interval,
+                                                         (n_ddpm - 1, c.guidance_first or c.guidance))
 
     def unet_steps(steps):  # (UNet evaluations, of them guided pairs) of one sample; a student runs once at
         # a guided step, and an antithetic start evaluates its first step twice
@@ -183,6 +184,7 @@ def main(argv=None):
         real.append(median_time(run, device, max(1, repeats // (1 if batch == 1 else 3)), 20.0) / batch)
     default = f"{c.sampler} {c.sample_steps}" + (f", eta {c.sample_eta}" if c.sampler != "ddim" or c.sample_eta else "")
     guidance = f", guidance {c.guidance}" + (" (distilled: one pass)" if c.guidance_input else "") + \
+        (f" ({c.guidance_first} at the first step)" if c.guidance_first not in (0, c.guidance) else "") + \
         (f" at signal {c.guidance_interval[0]}-{c.guidance_interval[1]}" if c.guidance_interval != (0, 1) else "")
     rows.append((f"**shipped default: {default}{guidance if c.guidance != 1 else ''}"
                  f"{', antithetic start' if c.sample_antithetic else ''}, "

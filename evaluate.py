@@ -269,9 +269,13 @@ def main(argv=None):
         shown = {k: (v if v is not None else getattr(c, f)) for k, v, f in
                  [("sampler", args.sampler, "sampler"), ("steps", args.steps, "sample_steps"),
                   ("eta", args.eta, "sample_eta"), ("start", args.min_signal, "sample_min_signal"),
-                  ("guidance", args.guidance, "guidance"), ("interval", args.guidance_interval, "guidance_interval"),
+                  ("guidance", args.guidance, "guidance"), ("first step", args.guidance_first, "guidance_first"),
+                  ("interval", args.guidance_interval, "guidance_interval"),
                   ("antithetic", args.antithetic, "sample_antithetic")]}
-        if shown["guidance"] == 1 or tuple(shown["interval"]) == (0, 1):  # the interval says nothing then
+        if not shown["first step"] or shown["first step"] == shown["guidance"]:  # 0: the same as guidance
+            shown.pop("first step")
+        # the interval says nothing when no step is guided, or every one
+        if (shown["guidance"] == 1 and "first step" not in shown) or tuple(shown["interval"]) == (0, 1):
             shown.pop("interval")
         else:
             shown["interval"] = ",".join(map(str, shown["interval"]))

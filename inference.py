@@ -152,11 +152,11 @@ def colorize_batch(model, images, num_samples=1, seed=None, callback=None, amp=N
                    hints=None, unet=None, size=None, **sampling):
     """Colorize a list of PIL images: returns, per image, a list of `num_samples` PIL images at that image's
     exact size. Images with the same model resolution are sampled together, up to `batch_size` rows (an image
-    with num_samples=K takes K rows). `sampling` (sampler, steps, eta, min_signal, guidance, guidance_interval,
-    antithetic, dynamic_thresholding) goes to model.sample: what is not given is the checkpoint's. `hints`: per
-    image, None or full-size hints (load_hints). `unet`: another runtime's UNet (OpenVINOUNet). `size`: the short
-    side the model runs at (short_side). With `seed`, the same call gives the same result bit for bit. amp: bf16
-    autocast, see utils.use_bf16 (None: where it is fast).
+    with num_samples=K takes K rows). `sampling` (sampler, steps, eta, min_signal, guidance, guidance_first,
+    guidance_interval, antithetic, dynamic_thresholding) goes to model.sample: what is not given is the
+    checkpoint's. `hints`: per image, None or full-size hints (load_hints). `unet`: another runtime's UNet
+    (OpenVINOUNet). `size`: the short side the model runs at (short_side). With `seed`, the same call gives the
+    same result bit for bit. amp: bf16 autocast, see utils.use_bf16 (None: where it is fast).
     callback(i, n, x_t, x0) sees each step of each batch (model-space tensors, num_samples rows per image)."""
     device = next(model.parameters()).device
     amp = use_bf16(device, amp)
@@ -338,6 +338,9 @@ def add_sampling_args(p):
                    "bolder, less accurate colours (default: the checkpoint's)")
     p.add_argument("--guidance", type=float,
                    help="classifier-free guidance scale: above 1 bolder colours, 1 none (default: the checkpoint's)")
+    p.add_argument("--guidance-first", type=float, help="the first step's guidance scale, where the colours are "
+                   "chosen: lower than --guidance moves colour from faces to the whole photo; 0 = --guidance's "
+                   "(default: the checkpoint's)")
     p.add_argument("--guidance-interval", metavar="LOW,HIGH", type=comma_separated(float),
                    help="guide only the steps whose signal level is in this range, e.g. 0,1 every step "
                    "(default: the checkpoint's)")
@@ -357,9 +360,9 @@ def check_sampling_args(p, args):
         p.error("--steps must be at least 1")
     if args.size is not None and args.size < 8:
         p.error("--size must be at least 8 pixels")
-    for name in ("eta", "guidance"):
+    for name in ("eta", "guidance", "guidance_first"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
-            p.error(f"--{name} must be >= 0")
+            p.error(f"--{name.replace('_', '-')} must be >= 0")
     for ok, message in [min_signal_check(args.min_signal or 0, "--min-signal"),
                         interval_check(args.guidance_interval or (0, 1), "--guidance-interval")]:
         if not ok:
@@ -369,7 +372,8 @@ def check_sampling_args(p, args):
 def sampling_kwargs(args):
     """model.sample's settings from the flags of add_sampling_args (None: the checkpoint's)."""
     return dict(sampler=args.sampler, steps=args.steps, eta=args.eta, min_signal=args.min_signal,
-                guidance=args.guidance, guidance_interval=args.guidance_interval, antithetic=args.antithetic,
+                guidance=args.guidance, guidance_first=args.guidance_first, guidance_interval=args.guidance_interval,
+                antithetic=args.antithetic,
                 dynamic_thresholding=args.dynamic_threshold, size=args.size)
 
 
@@ -476,10 +480,11 @@ def _load(args, device):
         raise CheckpointError(f"{args.checkpoint}: no such checkpoint")
     model = load_model(args.checkpoint, device)
     # what the model cannot do, said before anything slow (a conversion for OpenVINO) starts
-    if args.guidance is not None:
-        ok, message = guidance_check(args.guidance, model.config.cond_drop)
-        if not ok:
-            raise UsageError(message)
+    for guidance in (args.guidance, args.guidance_first or None):  # --guidance-first 0: --guidance's
+        if guidance is not None:
+            ok, message = guidance_check(guidance, model.config.cond_drop)
+            if not ok:
+                raise UsageError(message)
     return model
 
 

@@ -32,12 +32,14 @@ def interval_check(interval, name):
     return ok, f"{name} must be two signal levels, 0 <= low <= high <= 1"
 
 
-def guided_timesteps(alphas_cumprod, guidance, interval):
-    """The timesteps classifier-free guidance applies at: those whose signal level sqrt(a_t) is in `interval`
-    (none when guidance is 1). One rule for the sampler and for counting its UNet passes."""
-    if guidance == 1:
-        return set()
-    return {t for t, s in enumerate(alphas_cumprod.sqrt().tolist()) if interval[0] <= s <= interval[1]}
+def guidance_scales(alphas_cumprod, guidance, interval, first=None):
+    """{t: w}, the timesteps classifier-free guidance applies at and their scales: those whose signal level
+    sqrt(a_t) is in `interval`, at `guidance`, except `first` = (t, w), a step with its own scale. Steps at
+    scale 1 are left out (they need no unconditional pass). One rule for the sampler and for counting passes."""
+    scales = {t: guidance for t, s in enumerate(alphas_cumprod.sqrt().tolist()) if interval[0] <= s <= interval[1]}
+    if first is not None and first[0] in scales:
+        scales[first[0]] = first[1]
+    return {t: w for t, w in scales.items() if w != 1}
 
 
 def _field(default, help, model=False):
@@ -74,6 +76,9 @@ class Config:
     sample_eta: float = _field(1.0, "fresh noise per step: 0 deterministic, 1 DDPM-like")
     sample_min_signal: float = _field(0.04, "sampling starts at the noisiest t whose sqrt(alphas_cumprod) >= this")
     guidance: float = _field(1.0, "classifier-free guidance scale of sampling; 1 = none (needs cond_drop > 0)")
+    guidance_first: float = _field(0.0, "the first step's guidance scale, where the colours are chosen: lower "
+                                        "than guidance moves colour from faces to the whole photo, which the "
+                                        "later steps colour alike; 0 = guidance")
     guidance_interval: tuple = _field((0.0, 1.0), "guidance applies only at steps whose signal level "
                                                   "sqrt(alphas_cumprod) is in this range, the others run the "
                                                   "conditional model alone (one pass); 0,1 = every step")
@@ -124,11 +129,12 @@ class Config:
              f"image_size must be a multiple of {levels} (the UNet halves it {len(self.dim_mults) - 1} times)"),
             (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
             (0 <= self.cond_drop < 1, "cond_drop must be in [0, 1)"),
-            (self.guidance >= 0, "guidance must be >= 0"),
+            (min(self.guidance, self.guidance_first) >= 0, "guidance and guidance_first must be >= 0"),
             (self.guidance_input or not self.teacher, "a student of --teacher needs --guidance-input true"),
             (self.distil_steps == 0 or (self.teacher and self.distil_steps >= 2),
              "distil_steps needs a --teacher, and at least 2 steps (from 1 there is nothing to halve)"),
             guidance_check(self.guidance, self.cond_drop),
+            guidance_check(self.guidance_first or 1, self.cond_drop),
             interval_check(self.guidance_interval, "guidance_interval"),
             (self.timesteps >= 2, "timesteps must be at least 2"),
             (self.ab_scale > 0, "ab_scale must be positive"),
@@ -446,20 +452,23 @@ class ColorDiffusion(nn.Module):
         x0 = (x - r * x_t) / (a_next.sqrt() - r * a.sqrt())
         return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
 
-    def denoiser(self, L, guidance=1.0, hints=None, unet=None, interval=(0.0, 1.0)):
+    def denoiser(self, L, guidance=1.0, hints=None, unet=None, interval=(0.0, 1.0), first=None):
         """eps = denoise(x_t, t) for fixed greyscale L: the encoder runs here once, not at every step.
         guidance w != 1 is classifier-free guidance (Ho & Salimans 2022): eps_uncond + w (eps - eps_uncond),
         the unconditional eps from cond_drop's null condition L = 0, both in one batch; a guidance-distilled
         student (config.guidance_input) takes w as an input and runs once. Guidance applies only at the steps
         whose signal level sqrt(a_t) is in `interval` (Kynkaanniemi et al. 2024); the others run the conditional
-        half alone. `hints` (N, 3, H, W): hinted ab and mask, seen by a model trained with them (sample uses
-        them with any). `unet` runs instead of self.unet (another runtime)."""
-        ok, message = guidance_check(guidance, self.config.cond_drop)
-        if not ok:
-            raise ValueError(message)
+        half alone. `first` = (t, w): the step at t guides at w instead (see guidance_scales). `hints` (N, 3, H,
+        W): hinted ab and mask, seen by a model trained with them (sample uses them with any). `unet` runs
+        instead of self.unet (another runtime)."""
+        scales = guidance_scales(self.alphas_cumprod, guidance, interval, first)  # once: no device sync per step
+        for w in {guidance, *scales.values()}:
+            ok, message = guidance_check(w, self.config.cond_drop)
+            if not ok:
+                raise ValueError(message)
         unet = self.unet if unet is None else unet
         student, n = self.config.guidance_input, L.shape[0]
-        paired = guidance != 1 and not student  # a student gives the guided eps in one pass
+        paired = bool(scales) and not student  # a student gives the guided eps in one pass
         if paired:
             L = torch.cat([L, torch.zeros_like(L)])
         feats = self.encoder(L)
@@ -468,19 +477,16 @@ class ColorDiffusion(nn.Module):
             extra = [torch.zeros(L.shape[0], 3, *L.shape[2:], device=L.device, dtype=L.dtype) if hints is None
                      else (torch.cat([hints, hints]) if paired else hints).to(L.dtype)]
 
-        guided_ts = guided_timesteps(self.alphas_cumprod, guidance, interval)  # once: no device sync per step
-
         def denoise(x, t):
-            guided = t in guided_ts
-            k = 2 * n if guided and paired else n  # rows of L, feats and hints this step uses
-            w = torch.full((n,), float(guidance) if guided else 1.0, device=x.device) if student else None
+            w = scales.get(t, 1.0)
+            k = 2 * n if w != 1 and paired else n  # rows of L, feats and hints this step uses
             x = torch.cat([x, x]) if k > n else x
-            t = torch.full((k,), t, device=x.device, dtype=torch.long)
-            eps = unet(torch.cat([L[:k], x.to(L.dtype), *(e[:k] for e in extra)], dim=1), t,
-                       [f[:k] for f in feats], w)
+            eps = unet(torch.cat([L[:k], x.to(L.dtype), *(e[:k] for e in extra)], dim=1),
+                       torch.full((k,), t, device=x.device, dtype=torch.long), [f[:k] for f in feats],
+                       torch.full((n,), float(w), device=x.device) if student else None)
             if k > n:
                 cond, uncond = eps.float().chunk(2)
-                eps = uncond + guidance * (cond - uncond)
+                eps = uncond + w * (cond - uncond)
             return eps
         return denoise
 
@@ -496,18 +502,22 @@ class ColorDiffusion(nn.Module):
 
     @torch.no_grad()
     def sample(self, L, sampler=None, steps=None, eta=None, dynamic_thresholding=False, min_signal=None,
-               guidance=None, guidance_interval=None, antithetic=None, hints=None, generator=None, callback=None,
-               unet=None):
+               guidance=None, guidance_interval=None, guidance_first=None, antithetic=None, hints=None,
+               generator=None, callback=None, unet=None):
         """L: (N, 1, H, W) in [-1, 1] -> ab_n (N, 2, H, W). `sampler` (see SAMPLERS), `steps`, `eta`, `min_signal`
-        (where sampling starts, see sampling_schedule), `guidance`, `guidance_interval` and `antithetic` (see
-        antithetic_start) default to the config's; `hints` and `unet`: see `denoiser`. x0 is clipped to the data
-        range at every step, or dynamically thresholded. `callback(i, n, x_t, x0)` sees model-space tensors."""
+        (where sampling starts, see sampling_schedule), `guidance`, `guidance_interval`, `guidance_first` (0: the
+        first step guides at `guidance` too) and `antithetic` (see antithetic_start) default to the config's;
+        `hints` and `unet`: see `denoiser`. x0 is clipped to the data range at every step, or dynamically
+        thresholded. `callback(i, n, x_t, x0)` sees model-space tensors."""
         c, s = self.config, self.config.ab_scale
         sampler = SAMPLERS[c.sampler if sampler is None else sampler]
         steps, eta = c.sample_steps if steps is None else steps, c.sample_eta if eta is None else eta
-        denoise = self.denoiser(L, c.guidance if guidance is None else guidance, hints, unet,
-                                c.guidance_interval if guidance_interval is None else guidance_interval)
         ac = self.sampling_schedule(min_signal)
+        guidance = c.guidance if guidance is None else guidance
+        first = c.guidance_first if guidance_first is None else guidance_first
+        denoise = self.denoiser(L, guidance, hints, unet,
+                                c.guidance_interval if guidance_interval is None else guidance_interval,
+                                first=(len(ac) - 1, first or guidance))
         # x_t at the start: sqrt(a) x0 + sqrt(1 - a) noise, with x0 taken as the data's mean colour. The mean
         # colour of x_t is measurable from thousands of pixels, so zero-mean noise would tell the model the
         # picture is on average grey, and it would colour it so (measured: 3 dB PSNR lost, a cold cast).
@@ -578,8 +588,8 @@ def load_model(path, device="cpu", use_ema=True):
     return model.to(device, memory_format=torch.channels_last).eval()
 
 
-SAMPLING_FIELDS = ("sampler", "sample_steps", "sample_eta", "sample_min_signal", "guidance", "guidance_interval",
-                   "sample_antithetic", "sample_size")
+SAMPLING_FIELDS = ("sampler", "sample_steps", "sample_eta", "sample_min_signal", "guidance", "guidance_first",
+                   "guidance_interval", "sample_antithetic", "sample_size")
 
 
 def export_inference_checkpoint(src, dst, **sampling):

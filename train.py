@@ -45,8 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--init", metavar="PATH", help="start a new run from the weights of this checkpoint (training "
                    "or shipped, e.g. checkpoints/celeba64.pt): fine-tuning. Its model fields and ab_mean are kept")
     p.add_argument("--export", metavar="PATH", help="write <out-dir>/ckpt.pt's EMA weights (fp16) and config to "
-                   "PATH for inference, e.g. checkpoints/celeba64.pt, and exit; --sampler, --sample-steps, "
-                   "--sample-eta, --sample-min-signal, --guidance and --sample-size set its sampling defaults")
+                   "PATH for inference, e.g. checkpoints/celeba64.pt, and exit; the sampling flags (--sampler, "
+                   "--sample-*, --guidance*) set its sampling defaults")
     args = vars(p.parse_args(argv))
     return args.pop("resume"), args.pop("init"), args.pop("export"), args
 

@@ -84,8 +84,9 @@ def test_exported_checkpoint_is_fp16_ema_and_samples_closely(tiny_config, tmp_pa
     assert not (tmp_path / "bad.pt").exists()
     train.main(["--out-dir", str(tmp_path), "--export", str(dst), "--guidance", "1.5", "--sampler", "dpm++2m",
                 "--sample-steps", "8", "--sample-eta", "0", "--sample-size", "24", "--guidance-interval", "0.5,0.9",
-                "--sample-antithetic", "true"])
-    assert load_model(str(dst)).config == Config(**{**tiny_config.to_dict(), "guidance": 1.5, "sampler": "dpm++2m",
+                "--sample-antithetic", "true", "--guidance-first", "1.2"])
+    assert load_model(str(dst)).config == Config(**{**tiny_config.to_dict(), "guidance": 1.5, "guidance_first": 1.2,
+                                                    "sampler": "dpm++2m",
                                                     "sample_steps": 8, "sample_eta": 0.0, "sample_size": 24,
                                                     "guidance_interval": (0.5, 0.9), "sample_antithetic": True})
     with pytest.raises(ValueError, match="guidance_interval must be"):
@@ -100,7 +101,8 @@ def test_exported_checkpoint_is_fp16_ema_and_samples_closely(tiny_config, tmp_pa
     ("ema_decay", 1.0, "ema_decay"), ("batch_size", 0, "batch_size"), ("amp", "maybe", "amp"),
     ("device", "tpu", "device"), ("val_percent", 100.0, "val_percent"), ("dim_mults", (1, 0), "dim_mults"),
     ("cond_drop", 1.0, "cond_drop"), ("guidance", -1.0, "guidance"), ("sampler", "euler", "sampler must be one of"),
-    ("sample_steps", 0, "sample_steps"), ("sample_size", -1, "sample_size")])
+    ("sample_steps", 0, "sample_steps"), ("sample_size", -1, "sample_size"),
+    ("guidance_first", -1.0, "guidance_first")])
 def test_config_rejects_values_that_would_fail_later(field, value, message):
     with pytest.raises(ValueError, match=message):
         Config(**{field: value})
@@ -110,6 +112,9 @@ def test_guidance_needs_a_model_trained_for_it():
     Config(cond_drop=0.1, guidance=2.0)
     with pytest.raises(ValueError, match="cond_drop > 0"):
         Config(cond_drop=0.0, guidance=2.0)
+    Config(cond_drop=0.0, guidance_first=1.0)  # 1 is no guidance; 0 is guidance's scale
+    with pytest.raises(ValueError, match="cond_drop > 0"):
+        Config(cond_drop=0.0, guidance_first=2.0)
 
 
 def test_bad_config_value_is_a_one_line_error_before_any_work(tmp_path):

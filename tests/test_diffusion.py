@@ -158,6 +158,36 @@ def test_guidance_interval_guides_only_its_steps(tiny_config):
     assert not torch.equal(_sample(m, L, 0, steps=4), _sample(m, L, 0, steps=4, guidance_interval=(0.0, 1.0)))
 
 
+def test_guidance_first_gives_the_first_step_its_own_scale(tiny_config):
+    """guidance_first w1 guides the first step (where sampling starts) at w1 and the later ones at guidance w;
+    0, the default, is w everywhere, so checkpoints from before the field sample as they did."""
+    torch.manual_seed(0)
+    m = ColorDiffusion(tiny_config).eval()
+    g = torch.Generator().manual_seed(3)
+    L = torch.rand(2, 1, 16, 16, generator=g) * 2 - 1
+    x = torch.randn(2, 2, 16, 16, generator=g)
+    t_first, t_later = len(m.sampling_schedule()) - 1, 5
+    with torch.no_grad():
+        cond, uncond = m.denoiser(L), m.denoiser(torch.zeros_like(L))
+        both = m.denoiser(L, 2.5, first=(t_first, 1.5))
+        for t, w in ((t_first, 1.5), (t_later, 2.5)):
+            assert torch.allclose(both(x, t), uncond(x, t) + w * (cond(x, t) - uncond(x, t)), atol=1e-5), t
+        # the first step at 1 needs no unconditional half: one pass over the N rows
+        rows = []
+        hook = m.unet.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+        out = m.denoiser(L, 2.5, first=(t_first, 1.0))(x, t_first)
+        hook.remove()
+        assert torch.equal(out, cond(x, t_first)) and rows == [2]
+    m.config.guidance = 2.5
+    assert torch.equal(_sample(m, L, 0, steps=4), _sample(m, L, 0, steps=4, guidance_first=2.5))
+    assert not torch.equal(_sample(m, L, 0, steps=4), _sample(m, L, 0, steps=4, guidance_first=1.5))
+    m.config.guidance_first = 1.5
+    assert torch.equal(_sample(m, L, 0, steps=4), _sample(m, L, 0, steps=4, guidance_first=1.5))
+    m.config.guidance, m.config.cond_drop = 1.0, 0  # a first step guided without unconditional colours
+    with pytest.raises(ValueError, match="cond_drop"):
+        _sample(m, L, 0, steps=4)
+
+
 def test_antithetic_start_cancels_the_colour_read_into_the_start_noise():
     """A model whose first guess echoes the start noise z (0.3 z, odd in z) and also bends it (0.1 z^2): with
     antithetic_start its first x0 is the truth plus the even part only, whatever the seed; other steps are

@@ -269,6 +269,8 @@ def test_guidance_changes_the_colours_and_defaults_to_the_checkpoints(cli, tmp_p
     assert TINY.guidance == 1 and out[None] == out[1] != out[2]
     code, _, err = cli("--image-path", tmp_path / "g.png", "--guidance", -1)
     assert code == 2 and "--guidance" in err
+    code, _, err = cli("--image-path", tmp_path / "g.png", "--guidance-first", -1)
+    assert code == 2 and "--guidance-first must be >= 0" in err
     for bad in ("0.9,0.1", "0.5", "0,2", "a,b"):
         code, _, err = cli("--image-path", tmp_path / "g.png", "--guidance-interval", bad)
         assert code == 2 and "--guidance-interval" in err and "Traceback" not in err, bad
@@ -278,8 +280,9 @@ def test_sampling_flags_default_to_the_checkpoints_and_explicit_zero_is_kept():
     """Unset sampling flags are None: the checkpoint's settings (Config.sampler, sample_steps, ...) apply; an
     explicit --eta 0 (deterministic) is kept, not taken as unset; --ddpm is --sampler ddpm."""
     kwargs = lambda *a: inference._sampler_kwargs(inference.parse_args(["--image-path", "x.png", *a]))  # noqa: E731
-    assert all(kwargs()[k] is None for k in ("sampler", "steps", "eta", "min_signal", "guidance", "guidance_interval",
-                                         "antithetic"))
+    assert all(kwargs()[k] is None for k in ("sampler", "steps", "eta", "min_signal", "guidance", "guidance_first",
+                                         "guidance_interval", "antithetic"))
+    assert kwargs("--guidance-first", "0")["guidance_first"] == 0.0
     assert kwargs("--guidance-interval", "0.5,0.9")["guidance_interval"] == (0.5, 0.9)
     assert kwargs("--antithetic")["antithetic"] is True and kwargs("--no-antithetic")["antithetic"] is False
     assert kwargs("--eta", "0")["eta"] == 0.0 and kwargs("--eta", "0.5")["eta"] == 0.5
@@ -332,6 +335,7 @@ def test_bad_inputs_give_one_error_line(cli, tmp_path, ckpt):
         (["--image-path", ok], str(tmp_path / "nope.pt"), "nope.pt"),
         (["--image-path", ok, "--device", "nonsense"], ckpt, "nonsense"),
         (["--image-path", ok, "--guidance", "2"], str(tmp_path / "unguided.pt"), "cond_drop"),
+        (["--image-path", ok, "--guidance-first", "2"], str(tmp_path / "unguided.pt"), "cond_drop"),
         (["--image-path", ok, "--size", "4"], ckpt, "--size"),
     ]
     for args, checkpoint, needle in cases:
