@@ -159,13 +159,15 @@ def build_demo(model, unet=None) -> gr.Blocks:
                     sampler = gr.Dropdown(list(SAMPLERS), value=c.sampler, label="Sampler",
                                           info="ddpm: the original's full loop (slow)")
                     steps = gr.Slider(1, T, value=min(c.sample_steps, T), step=1, label="Sampling steps",
-                                      info="more: slower, sometimes cleaner (ddpm runs every timestep)")
+                                      info="more: slower, and bolder where every step is guided "
+                                           "(ddpm runs every timestep)")
                     start = gr.Slider(0, 0.2, value=model.config.sample_min_signal, step=0.005,
                                       label="Sampling start (signal level)",
                                       info="lower: bolder colours, more mistakes")
                     # only a model trained with cond_drop has the unconditional colours that guidance needs
                     guidance = gr.Slider(0, 3, value=c.guidance, step=0.05, label="Guidance",
-                                         info="higher: bolder colours; 1: none", visible=c.cond_drop > 0)
+                                         info="at the steps after the first: higher, bolder colours; 1: none",
+                                         visible=c.cond_drop > 0)
                     guidance_first = gr.Slider(0, 3, value=c.guidance_first or c.guidance, step=0.05,
                                                label="Guidance at the first step", visible=c.cond_drop > 0,
                                                info="where the colours are chosen: lower than Guidance keeps "

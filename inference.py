@@ -337,7 +337,8 @@ def add_sampling_args(p):
                    help="start sampling at the noisiest step whose signal level is still this: lower gives "
                    "bolder, less accurate colours (default: the checkpoint's)")
     p.add_argument("--guidance", type=float,
-                   help="classifier-free guidance scale: above 1 bolder colours, 1 none (default: the checkpoint's)")
+                   help="classifier-free guidance scale of the guided steps, the first too unless --guidance-first "
+                   "gives it its own: above 1 bolder colours, 1 none (default: the checkpoint's)")
     p.add_argument("--guidance-first", type=float, help="the first step's guidance scale, where the colours are "
                    "chosen: lower than --guidance moves colour from faces to the whole photo; 0 = --guidance's "
                    "(default: the checkpoint's)")

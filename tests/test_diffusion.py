@@ -482,3 +482,20 @@ def test_hint_inputs_start_at_zero_and_then_steer_the_prediction(tiny_config):
         assert not torch.allclose(hinted.denoiser(L, hints=hints)(x, 10), hinted.denoiser(L)(x, 10))
         # a model without hint inputs does not see them (the sampler still pins and spreads them)
         assert torch.equal(old.denoiser(L, hints=hints)(x, 10), old.denoiser(L)(x, 10))
+
+
+def test_sampling_pins_and_spreads_hints_without_the_trained_hint_inputs(tiny_config):
+    """sample() moves x0 to the hints itself and leaves the UNet's hint inputs at zero (at a few steps they
+    pulled the rest of a hinted region away from its hint): what those inputs' weights are does not matter."""
+    torch.manual_seed(0)
+    m = ColorDiffusion(Config(**{**tiny_config.to_dict(), "hints": True})).eval()
+    L = torch.rand(1, 1, 16, 16) * 2 - 1
+    torch.manual_seed(1)
+    hints = random_hints(torch.rand(1, 2, 16, 16) - 0.5, p_none=0)
+    hinted = _sample(m, L, 0, steps=3, hints=hints)
+    mask = (hints[:, 2:] > 0).expand(-1, 2, -1, -1)
+    assert torch.allclose(hinted[mask], hints[:, :2][mask], atol=1e-5)
+    assert not torch.allclose(hinted, _sample(m, L, 0, steps=3))
+    with torch.no_grad():
+        m.unet.init_conv.weight[:, 3:].add_(0.5)  # the hint channels: L, x_t (2), then hints (3)
+    assert torch.equal(_sample(m, L, 0, steps=3, hints=hints), hinted)

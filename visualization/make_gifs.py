@@ -3,7 +3,8 @@
     python visualization/make_gifs.py --data ../shared/data/celeba_val
 
 forward_diffusion.gif: one photo's colour channels being noised, t = 0 .. T (L untouched).
-denoising.gif:         several photos colorized from colour noise, step by step (the faithful DDPM loop).
+denoising.gif:         several photos colorized from colour noise, step by step (the faithful DDPM loop,
+                       unguided as the original's: the checkpoint's guidance is chosen for a few steps).
 hints.png:             a photo with two clicks on its background, in the true colour there: greyscale with the
                        clicks | without hints | with them | the truth.
 """
@@ -53,10 +54,11 @@ def main():
     frames[0].save(os.path.join(HERE, "forward_diffusion.gif"), save_all=True, append_images=frames[1:],
                    loop=0, duration=[1000] + [80] * (len(frames) - 2) + [1000])
 
-    # reverse: greyscale faces -> colour, the full DDPM loop, all faces in one batch
+    # reverse: greyscale faces -> colour, the full DDPM loop, unguided, all faces in one batch
     greys = [f.convert("L") for f in faces]
     reverse = GifRecorder(model, torch.cat([model_input(model, f) for f in greys]), max_frames=40, min_side=128)
-    outputs = colorize_batch(model, greys, sampler="ddpm", seed=args.seed, callback=reverse, batch_size=len(greys))
+    outputs = colorize_batch(model, greys, sampler="ddpm", guidance=1.0, guidance_first=0.0, seed=args.seed,
+                             callback=reverse, batch_size=len(greys))
     reverse.save(os.path.join(HERE, "denoising.gif"), [o[0] for o in outputs])
     print("wrote visualization/forward_diffusion.gif and visualization/denoising.gif")
     hint_figure(model, load_image(os.path.join(args.data, args.hint_photo)).convert("RGB"), args.seed)
