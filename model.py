@@ -452,15 +452,17 @@ class ColorDiffusion(nn.Module):
         x0 = (x - r * x_t) / (a_next.sqrt() - r * a.sqrt())
         return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
 
-    def denoiser(self, L, guidance=1.0, hints=None, unet=None, interval=(0.0, 1.0), first=None):
+    def denoiser(self, L, guidance=1.0, unet=None, interval=(0.0, 1.0), first=None):
         """eps = denoise(x_t, t) for fixed greyscale L: the encoder runs here once, not at every step.
         guidance w != 1 is classifier-free guidance (Ho & Salimans 2022): eps_uncond + w (eps - eps_uncond),
         the unconditional eps from cond_drop's null condition L = 0, both in one batch; a guidance-distilled
         student (config.guidance_input) takes w as an input and runs once. Guidance applies only at the steps
         whose signal level sqrt(a_t) is in `interval` (Kynkaanniemi et al. 2024); the others run the conditional
-        half alone. `first` = (t, w): the step at t guides at w instead (see guidance_scales). `hints` (N, 3, H,
-        W): hinted ab and mask, seen by a model trained with them (sample() leaves them out, see there). `unet`
-        runs instead of self.unet (another runtime)."""
+        half alone. `first` = (t, w): the step at t guides at w instead (see guidance_scales). A model trained
+        with hint inputs gets zeros there: sample() pins and spreads the hints itself, as at a few steps the
+        trained inputs pull the rest of a hinted region away from its hint (a red wall clicked twice came out
+        green; spreading alone is 0.06-0.19 dB better at 2-10 hints, docs/experiments.md section 20). `unet` runs
+        instead of self.unet (another runtime)."""
         scales = guidance_scales(self.alphas_cumprod, guidance, interval, first)  # once: no device sync per step
         for w in {guidance, *scales.values()}:
             ok, message = guidance_check(w, self.config.cond_drop)
@@ -472,14 +474,12 @@ class ColorDiffusion(nn.Module):
         if paired:
             L = torch.cat([L, torch.zeros_like(L)])
         feats = self.encoder(L)
-        extra = []
-        if self.config.hints:  # both halves of a guided batch see the hints: guidance is over the greyscale
-            extra = [torch.zeros(L.shape[0], 3, *L.shape[2:], device=L.device, dtype=L.dtype) if hints is None
-                     else (torch.cat([hints, hints]) if paired else hints).to(L.dtype)]
+        extra = [torch.zeros(L.shape[0], 3, *L.shape[2:], device=L.device, dtype=L.dtype)] if self.config.hints \
+            else []
 
         def denoise(x, t):
             w = scales.get(t, 1.0)
-            k = 2 * n if w != 1 and paired else n  # rows of L, feats and hints this step uses
+            k = 2 * n if w != 1 and paired else n  # rows of L, feats and hint inputs this step uses
             x = torch.cat([x, x]) if k > n else x
             eps = unet(torch.cat([L[:k], x.to(L.dtype), *(e[:k] for e in extra)], dim=1),
                        torch.full((k,), t, device=x.device, dtype=torch.long), [f[:k] for f in feats],
@@ -507,19 +507,16 @@ class ColorDiffusion(nn.Module):
         """L: (N, 1, H, W) in [-1, 1] -> ab_n (N, 2, H, W). `sampler` (see SAMPLERS), `steps`, `eta`, `min_signal`
         (where sampling starts, see sampling_schedule), `guidance`, `guidance_interval`, `guidance_first` (0: the
         first step guides at `guidance` too) and `antithetic` (see antithetic_start) default to the config's;
-        `hints` (N, 3, H, W): hinted ab and mask, pinned and spread (spread_hints); `unet`: see `denoiser`. x0 is
-        clipped to the data range at every step, or dynamically thresholded. `callback(i, n, x_t, x0)` sees
-        model-space tensors."""
+        `hints` (N, 3, H, W): hinted ab and mask, pinned and spread at every step (spread_hints); `unet`: see
+        `denoiser`. x0 is clipped to the data range at every step, or dynamically thresholded.
+        `callback(i, n, x_t, x0)` sees model-space tensors."""
         c, s = self.config, self.config.ab_scale
         sampler = SAMPLERS[c.sampler if sampler is None else sampler]
         steps, eta = c.sample_steps if steps is None else steps, c.sample_eta if eta is None else eta
         ac = self.sampling_schedule(min_signal)
         guidance = c.guidance if guidance is None else guidance
         first = c.guidance_first if guidance_first is None else guidance_first
-        # the hints are pinned and spread at every step (threshold, below), not fed to the UNet's trained hint
-        # inputs: at a few steps those pull the rest of a hinted region away from its hint (a red wall clicked
-        # twice came out green); spreading alone is 0.06-0.19 dB better at 2-10 hints (docs/experiments.md)
-        denoise = self.denoiser(L, guidance, None, unet,
+        denoise = self.denoiser(L, guidance, unet,
                                 c.guidance_interval if guidance_interval is None else guidance_interval,
                                 first=(len(ac) - 1, first or guidance))
         # x_t at the start: sqrt(a) x0 + sqrt(1 - a) noise, with x0 taken as the data's mean colour. The mean

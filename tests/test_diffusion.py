@@ -476,12 +476,15 @@ def test_hint_inputs_start_at_zero_and_then_steer_the_prediction(tiny_config):
     mask = hints[:, 2:] > 0
     assert mask.any() and ((hints[:, :2] - ab).abs() * mask).max() < 1.0  # patch means of the truth
     assert (hints[:, :2] * ~mask).abs().max() == 0
+
+    def eps(m, *extra):  # the UNet's prediction at t = 10 from the inputs training gives it: L, x_t[, hints]
+        return m.unet(torch.cat([L, x, *extra], 1), torch.full((2,), 10), m.encoder(L))
+
     with torch.no_grad():
-        assert torch.equal(hinted.denoiser(L, hints=hints)(x, 10), old.denoiser(L)(x, 10))
+        assert torch.equal(eps(hinted, hints), eps(old))
+        assert torch.equal(hinted.denoiser(L)(x, 10), old.denoiser(L)(x, 10))  # sampling: zero hint inputs
         hinted.unet.init_conv.weight.add_(0.1)
-        assert not torch.allclose(hinted.denoiser(L, hints=hints)(x, 10), hinted.denoiser(L)(x, 10))
-        # a model without hint inputs does not see them (the sampler still pins and spreads them)
-        assert torch.equal(old.denoiser(L, hints=hints)(x, 10), old.denoiser(L)(x, 10))
+        assert not torch.allclose(eps(hinted, hints), eps(hinted, torch.zeros_like(hints)))
 
 
 def test_sampling_pins_and_spreads_hints_without_the_trained_hint_inputs(tiny_config):
