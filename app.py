@@ -9,7 +9,7 @@ Upload, drop or paste a photo (or click an example face), press Colorize. To ste
 colour and click on the photo under "Colour hints": each click pins that colour there, and the region around
 it follows. Requests are queued, so several users can share one model; the model is loaded once, at start.
 """
-import argparse
+import math
 import os
 import random
 import sys
@@ -19,15 +19,17 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry, no v
 import gradio as gr  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from inference import DEFAULT_CHECKPOINT, colorize, fast_unet, load_hints  # noqa: E402
-from model import SAMPLERS, CheckpointError, load_model  # noqa: E402
-from utils import IMAGE_EXTENSIONS, ImageError, load_image, pick_device  # noqa: E402
+from inference import DEFAULT_CHECKPOINT, colorize, load_hints  # noqa: E402
+from model import SAMPLERS, CheckpointError, load_model, range_check  # noqa: E402
+from runtime import fast_runtime  # noqa: E402
+from utils import IMAGE_EXTENSIONS, ArgumentParser, ImageError, load_image, pick_device  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES_DIR = os.path.join(HERE, "examples")
 MAX_FILE_SIZE = "50mb"        # larger uploads are refused by the page itself
 MAX_PIXELS = 40_000_000       # 40 megapixels: larger images are refused before they are decoded
 MAX_SAMPLES = 8
+START_RANGE, GUIDANCE_RANGE = (0, 0.2), (0, 3)  # the sliders', and what the page's endpoint accepts
 VIEW_SIZE = 1024              # the hints view's long side, at least (see show_hints)
 
 
@@ -81,6 +83,19 @@ def hint_image(img: Image.Image, hints) -> Image.Image:
     return layer
 
 
+def setting(value, name, low, high):
+    """A number from the page: its sliders bound it, but not a client calling the endpoint directly
+    (gradio_client, curl), which could send NaN, 5.0 or 100000 steps. Out of range is the page's error."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        value = math.nan
+    ok, message = range_check(value, name, low, high)
+    if not ok:
+        raise gr.Error(message, print_exception=False)
+    return value
+
+
 def parse_colour(colour) -> str:
     """Gradio's colour picker gives '#rrggbb' or 'rgba(r, g, b, a)': PIL wants the former."""
     if colour.startswith("rgb"):
@@ -89,22 +104,31 @@ def parse_colour(colour) -> str:
     return colour
 
 
-def build_demo(model, unet=None) -> gr.Blocks:
+def build_demo(model, runtime=None) -> gr.Blocks:
     c, T = model.config, model.config.timesteps
 
     def run(photo, hints, sampler, steps, start, guidance, guidance_first, num_samples, seed, random_seed,
             dynamic_thresholding, progress=gr.Progress()):
+        if sampler not in SAMPLERS:
+            raise gr.Error(f"Sampler must be one of {', '.join(SAMPLERS)}.", print_exception=False)
+        steps, num_samples = (int(setting(v, name, 1, high)) for v, name, high in
+                              ((steps, "Sampling steps", T), (num_samples, "Number of samples", MAX_SAMPLES)))
+        start = setting(start, "Sampling start", *START_RANGE)
+        guidance, guidance_first = (setting(v, name, *GUIDANCE_RANGE) for v, name in
+                                    ((guidance, "Guidance"), (guidance_first, "Guidance at the first step")))
         img = open_upload(photo)
-        seed = random.randrange(2 ** 31) if random_seed or seed is None else int(seed)
+        if random_seed or seed is None:
+            seed = random.randrange(2 ** 31)
+        seed = int(setting(seed, "Seed", 0, 2 ** 32 - 1))
         progress(0, desc="Denoising")
 
         def callback(i, n, x_t, x0):
             progress((i + 1, n), desc="Denoising")
 
-        samples = colorize(model, img, sampler=sampler, steps=int(steps), num_samples=int(num_samples), seed=seed,
-                           dynamic_thresholding=bool(dynamic_thresholding), min_signal=float(start),
-                           guidance=float(guidance), guidance_first=float(guidance_first), callback=callback,
-                           unet=unet,
+        samples = colorize(model, img, sampler=sampler, steps=steps, num_samples=num_samples, seed=seed,
+                           dynamic_thresholding=bool(dynamic_thresholding), min_signal=start,
+                           guidance=guidance, guidance_first=guidance_first, callback=callback,
+                           runtime=runtime,
                            hints=load_hints(hint_image(img, hints), img.size) if hints else None)
         return (img, samples[0]), samples, seed
 
@@ -161,14 +185,14 @@ def build_demo(model, unet=None) -> gr.Blocks:
                     steps = gr.Slider(1, T, value=min(c.sample_steps, T), step=1, label="Sampling steps",
                                       info="more: slower, and bolder where every step is guided "
                                            "(ddpm runs every timestep)")
-                    start = gr.Slider(0, 0.2, value=model.config.sample_min_signal, step=0.005,
+                    start = gr.Slider(*START_RANGE, value=model.config.sample_min_signal, step=0.005,
                                       label="Sampling start (signal level)",
                                       info="lower: bolder colours, more mistakes")
                     # only a model trained with cond_drop has the unconditional colours that guidance needs
-                    guidance = gr.Slider(0, 3, value=c.guidance, step=0.05, label="Guidance",
+                    guidance = gr.Slider(*GUIDANCE_RANGE, value=c.guidance, step=0.05, label="Guidance",
                                          info="at the steps after the first: higher, bolder colours; 1: none",
                                          visible=c.cond_drop > 0)
-                    guidance_first = gr.Slider(0, 3, value=c.guidance_first or c.guidance, step=0.05,
+                    guidance_first = gr.Slider(*GUIDANCE_RANGE, value=c.guidance_first or c.guidance, step=0.05,
                                                label="Guidance at the first step", visible=c.cond_drop > 0,
                                                info="where the colours are chosen: lower than Guidance keeps "
                                                     "faces from outshining the rest; 0: as Guidance")
@@ -201,7 +225,7 @@ def build_demo(model, unet=None) -> gr.Blocks:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="default: %(default)s")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: %(default)s: this machine only; 0.0.0.0: all)")
@@ -215,11 +239,11 @@ def main():
     try:
         device = pick_device(args.device)
         model = load_model(args.checkpoint, device)
-        unet = fast_unet(model, args.checkpoint, args.runtime)
+        runtime = fast_runtime(model, args.runtime)
     except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
 
-    demo = build_demo(model, unet=unet)
+    demo = build_demo(model, runtime=runtime)
     demo.queue()
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_FILE_SIZE)

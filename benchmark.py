@@ -9,12 +9,12 @@
 2. Seconds per photo, and the ratio to the original project's loop, at batch 1 and in a folder (batch 16):
    the original's loop (its size: dim 128, mults 1,2,3,3; the encoder run at every one of 350 steps, float32),
    our faithful DDPM loop, the previous default (DDIM 100, guided) and the shipped default (the checkpoint's
-   sampler, OpenVINO on a CPU). The slow loops are extrapolated from timed steps; the shipped default is run.
+   sampler, OpenVINO on a CPU). The slow loops are extrapolated from timed steps; the shipped default is run,
+   and also on a 4000x2667 scan.
 3. The whole command, as a user runs it: `python inference.py` on one photo, and on a folder of 32.
 4. The web page: app.py started, the seconds from a Colorize request to its result (gradio_client, through the
    page's queue, as the browser sends it).
 """
-import argparse
 import os
 import platform
 import statistics
@@ -29,10 +29,12 @@ import torch
 from PIL import Image
 
 from model import ColorDiffusion, Config, guidance_scales, load_model, timesteps
-from utils import bf16_is_fast, pick_device
+from runtime import fast_runtime
+from utils import ArgumentParser, bf16_is_fast, pick_device
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PHOTO = (218, 178)  # height, width of a CelebA photo
+SCAN = (2667, 4000)  # and of a 10-megapixel scan
 ORIGINAL = Config(dim=128, dim_mults=(1, 2, 3, 3), timesteps=350, attention=True)
 
 
@@ -66,7 +68,7 @@ def step_inputs(model, batch, device, size=None):
 
 
 def runtimes(model, ov, device, use_amp, compile_too):
-    """name -> unet(x, t, feats, w) for each runtime available here (`ov`: the OpenVINO UNet, or None)."""
+    """name -> unet(x, t, feats, w) for each runtime available here (`ov`: the OpenVINO runtime, or None)."""
     def torch_unet(amp):
         def run(x, t, feats, w):
             with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -83,7 +85,7 @@ def runtimes(model, ov, device, use_amp, compile_too):
                 return compiled(x, t, feats, w)
         out["torch.compile" + (" bf16" if use_amp else "")] = run
     if ov is not None:
-        out[f"OpenVINO {ov.config['INFERENCE_PRECISION_HINT']}"] = ov
+        out[f"OpenVINO {ov.precision}"] = ov.unet
     return out
 
 
@@ -127,7 +129,7 @@ def web_latency(checkpoint, c, photo, repeats):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=inference.DEFAULT_CHECKPOINT)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--quick", action="store_true", help="fewer repeats, and no torch.compile")
@@ -147,7 +149,8 @@ def main(argv=None):
     print(f"# Color Diffusion benchmark: {where}; torch {torch.__version__}; model resolution {h}x{w}\n")
 
     print("## One UNet step (ms)\n\n| runtime | batch 1 | batch 2 | batch 16 |\n|---|---|---|---|")
-    ov = inference.fast_unet(model, args.checkpoint)
+    ov = fast_runtime(model)
+    ov = None if ov is model else ov
     for name, unet in runtimes(model, ov, device, use_amp, not args.quick).items():
         ms = [1e3 * median_time(lambda: unet(*inputs), device, repeats, 10.0)
               for inputs in (step_inputs(model, b, device) for b in (1, 2, 16))]
@@ -180,7 +183,7 @@ def main(argv=None):
     photos = [Image.fromarray(rng.integers(0, 256, PHOTO, dtype=np.uint8), "L") for _ in range(16)]
     real = []
     for batch in (1, 16):
-        run = lambda: inference.colorize_batch(model, photos[:batch], seed=0, batch_size=batch, unet=ov)  # noqa
+        run = lambda: inference.colorize_batch(model, photos[:batch], seed=0, batch_size=batch)  # noqa
         real.append(median_time(run, device, max(1, repeats // (1 if batch == 1 else 3)), 20.0) / batch)
     default = f"{c.sampler} {c.sample_steps}" + (f", eta {c.sample_eta}" if c.sampler != "ddim" or c.sample_eta else "")
     guidance = f", guidance {c.guidance}" + (" (distilled: one pass)" if c.guidance_input else "") + \
@@ -193,6 +196,10 @@ def main(argv=None):
     for name, passes, (one, folder) in rows:
         print(f"| {name} | {passes} | {one:.3f} | {base[0] / one:.0f}x | {folder:.3f} | {base[1] / folder:.0f}x |",
               flush=True)
+    # a scan: the network sees 144x96 of it, the rest is reading its L and writing its colours at full size
+    scan = Image.fromarray(rng.integers(0, 256, SCAN, dtype=np.uint8), "L")
+    seconds = median_time(lambda: inference.colorize(model, scan, seed=0), device, max(1, repeats // 3), 20.0)
+    print(f"\n`colorize()` of a {SCAN[1]}x{SCAN[0]} greyscale scan: {seconds:.2f} s")
 
     print("\n## The whole command (a new process: Python, torch, the model, OpenVINO's cached network)\n")
     with tempfile.TemporaryDirectory() as tmp:

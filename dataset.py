@@ -1,10 +1,12 @@
 """Folders of colour photos as training examples: the L of a greyscale version, and the true ab.
 
-Users bring whole photos at any framing, greyscale made by scanners and photo editors. So a folder is decoded
-once into a cache of whole photos (RGB uint8, aspect kept, short side CACHE_SCALE x the training size:
-`cache/<folder>_<hash>_<size>.pt`), and every training example is drawn from it afresh:
-  - a random resized crop, from the face filling the frame to the face small in it (the photo reflect-padded
-    around it), portrait, square or landscape, with a flip and sometimes a small rotation;
+Users bring whole photos at any framing, greyscale made by scanners and photo editors: faces, and the world
+around them. So each folder is decoded once into a cache of whole photos (RGB uint8, aspect kept, short side
+CACHE_SCALE x the training size: `cache/<folder>_<hash>_<size>.pt`); several folders are mixed by weight
+(`folder:weight`), and every training example is drawn from them afresh:
+  - a random resized crop: of a portrait, from the face filling the frame to the face small in it (the photo
+    reflect-padded around it), sometimes a little rotated; of a scene, a part of the photo as it is (level, no
+    padding), so its sky stays above its ground; portrait, square or landscape, flipped half the time;
   - a greyscale made the ways real ones are: LAB's L, Rec. 601 luma (PIL's convert("L")), Rec. 709, or a
     film-like spectral mix, then gamma, contrast, blur, grain and JPEG artefacts;
   - the model sees the L of that greyscale and learns the crop's true ab.
@@ -12,6 +14,7 @@ Each example's randomness is drawn from (seed, epoch, index) and each batch's sh
 so a resumed run sees exactly what the uninterrupted one would have.
 """
 import hashlib
+import io
 import math
 import os
 import sys
@@ -29,6 +32,7 @@ from utils import ImageError, is_greyscale, lab_to_rgb, list_images, load_image,
 
 CACHE_SCALE = 2  # cached photos' short side, in training sizes: zoomed-in crops keep their detail
 CROP_AREA = (0.3, 2.6)  # the training crops' area in multiples of the photo's (Config.crop_area)
+SCENE_CROP_AREA = (0.35, 1.0)  # and a scene's (Config.scene_crop_area)
 ASPECTS = (1.0, 1.25, 0.8, 1.5, 2 / 3)  # height / width of a batch: square, portrait, landscape
 LUMA = {"rec601": (0.299, 0.587, 0.114), "rec709": (0.2126, 0.7152, 0.0722)}
 
@@ -89,22 +93,28 @@ def build_cache(folder, image_size, cache_dir="cache", workers=None):
     return images, kept
 
 
-def random_crop(img, h, w, g, areas=CROP_AREA):
+def random_crop(img, h, w, g, areas=CROP_AREA, scene=False):
     """A random resized crop of img (3, H, W) uint8 to (h, w): its area `areas` times the photo's, log-uniform
     (above 1 the photo is small in a reflect-padded frame, as a face in a portrait with room around it), the
     batch's aspect +-10%, anywhere that keeps most of the photo in view, sometimes rotated up to 12 degrees;
-    flipped half the time."""
+    flipped half the time. A `scene` is cropped inside the photo, level: a mirrored sky below the ground, or a
+    tilted horizon, is not a scene anyone photographs."""
     H, W = img.shape[-2:]
     area, jitter, cx, cy, rotate, angle, flip = torch.rand(7, generator=g).tolist()
     area = math.exp(math.log(areas[0]) + area * math.log(areas[1] / areas[0])) * H * W
     ratio = (w / h) * math.exp(0.2 * (jitter - 0.5))
-    pad = min(H, W) // 2 - 1  # reflect padding must be smaller than the image
-    cw, ch = min(math.sqrt(area * ratio), W + 2 * pad), min(math.sqrt(area / ratio), H + 2 * pad)
+    pad = 0 if scene else min(H, W) // 2 - 1  # reflect padding must be smaller than the image
+    cw, ch = math.sqrt(area * ratio), math.sqrt(area / ratio)
+    if scene:  # shrunk to fit, aspect kept
+        fit = min(1.0, W / cw, H / ch)
+        cw, ch = cw * fit, ch * fit
+    cw, ch = min(cw, W + 2 * pad), min(ch, H + 2 * pad)
     # inside the padded photo, so that no crop shows torchvision's zero fill
     left = min(max((W - cw) / 2 + (cx - 0.5) * abs(W - cw), -pad), W + pad - cw)
     top = min(max((H - ch) / 2 + (cy - 0.5) * abs(H - ch), -pad), H + pad - ch)
-    img = TF.pad(img, [pad], padding_mode="reflect")
-    if rotate < 0.3:
+    if pad:
+        img = TF.pad(img, [pad], padding_mode="reflect")
+    if rotate < 0.3 and not scene:
         img = TF.rotate(img, 24 * (angle - 0.5), interpolation=v2.InterpolationMode.BILINEAR,
                         center=[left + pad + cw / 2, top + pad + ch / 2])
     img = TF.resized_crop(img, round(top + pad), round(left + pad), round(ch), round(cw), [h, w], antialias=True)
@@ -134,8 +144,15 @@ def random_greyscale(rgb, g):
         grey = grey + (0.005 + 0.025 * amount) * torch.randn(grey.shape, generator=g)
     grey = grey.clamp(0, 1)
     if jpeg < 0.3:
-        grey = TF.jpeg((grey * 255).round().byte(), int(30 + 60 * quality)).float() / 255
+        grey = jpeg_roundtrip(grey, int(30 + 60 * quality))
     return grey
+
+
+def jpeg_roundtrip(grey, quality):
+    """(1, h, w) in [0, 1] through a JPEG file of this quality and back: its block artefacts."""
+    buf = io.BytesIO()
+    Image.fromarray((grey[0] * 255).round().byte().numpy(), "L").save(buf, "JPEG", quality=quality)
+    return torch.from_numpy(np.array(Image.open(buf), dtype=np.float32))[None] / 255
 
 
 def grey_to_l(grey):
@@ -147,20 +164,31 @@ class PhotoDataset(Dataset):
     """Training examples from cached photos. An item is (index, h, w): the batch's shape travels with each
     index (see make_loader). Returns (3, h, w): the L of a greyscale version, then the true ab (normalized LAB).
     With `train`, the crop and the greyscale are random (drawn from (seed, epoch, index)); without, the photo's
-    centre at the batch's aspect, and LAB's own L."""
+    centre at the batch's aspect, and LAB's own L.
+    `parts`: [(count, weight, scene)] of the folders `images` concatenates, in order (default: one folder of
+    portraits). Each epoch then draws len(images) examples, every folder its weight's share of them (a small
+    folder's photos repeat, a large one's take turns across epochs), in a shuffled order of (seed, epoch)."""
 
-    def __init__(self, images, train=False, seed=0, crop_area=CROP_AREA):
-        self.images, self.train, self.seed, self.crop_area, self.epoch = images, train, seed, crop_area, 0
+    def __init__(self, images, train=False, seed=0, crop_area=CROP_AREA, scene_crop_area=SCENE_CROP_AREA,
+                 parts=None):
+        self.images, self.train, self.seed = images, train, seed
+        self.crop_area, self.scene_crop_area = crop_area, scene_crop_area
+        self.parts = parts or [(len(images), 1.0, False)]
+        self.scene = [scene for count, _, scene in self.parts for _ in range(count)]
+        self.set_epoch(0)
 
     def set_epoch(self, epoch):
         self.epoch = epoch
+        self.order = list(range(len(self.images)))
+        if len(self.parts) > 1:
+            self.order = mix_order(self.parts, self.seed, epoch)
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, item):
         i, h, w = item
-        img = self.images[i]
+        img, scene = self.images[self.order[i]], self.scene[self.order[i]]
         if not self.train:
             H, W = img.shape[-2:]
             s = min(H / h, W / w)
@@ -168,9 +196,24 @@ class PhotoDataset(Dataset):
                                    [h, w], antialias=True)
             return rgb_to_lab(crop[None].float() / 255)[0]
         g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
-        rgb = random_crop(img, h, w, g, self.crop_area).float() / 255
+        rgb = random_crop(img, h, w, g, self.scene_crop_area if scene else self.crop_area, scene).float() / 255
         lab = rgb_to_lab(rgb[None])[0]
         return torch.cat([grey_to_l(random_greyscale(rgb, g)), lab[1:]])
+
+
+def mix_order(parts, seed, epoch):
+    """One epoch of indices into the concatenated folders `parts` = [(count, weight, scene)]: each folder its
+    weight's share of the total, drawn from a permutation of its own (repeated when it is too small), shuffled."""
+    g = torch.Generator().manual_seed(seed * 7919 + epoch)
+    total, weights = sum(p[0] for p in parts), [p[1] for p in parts]
+    counts = [round(total * w / sum(weights)) for w in weights]
+    counts[-1] = total - sum(counts[:-1])
+    order, start = [], 0
+    for (n, _, _), k in zip(parts, counts):
+        perm = torch.cat([torch.randperm(n, generator=g) for _ in range(-(-k // n))]) if k > 0 else torch.zeros(0)
+        order += (start + perm[:k].long()).tolist()
+        start += n
+    return [order[j] for j in torch.randperm(total, generator=g).tolist()]
 
 
 def mean_ab(images, n=2000):
@@ -180,12 +223,34 @@ def mean_ab(images, n=2000):
     return torch.stack(means).mean(0)
 
 
-def load_split(folder, image_size, val_percent, cache_dir="cache", seed=0, crop_area=CROP_AREA):
-    """(train, val) PhotoDatasets over a folder, split by file name."""
-    images, names = build_cache(folder, image_size, cache_dir)
-    val = [is_validation(n, val_percent) for n in names]
-    return (PhotoDataset([x for x, v in zip(images, val) if not v], train=True, seed=seed, crop_area=crop_area),
-            PhotoDataset([x for x, v in zip(images, val) if v]))
+def mix_mean_ab(ds):
+    """The mean colour of a PhotoDataset's mix: each folder's mean_ab at its weight's share."""
+    total, start = sum(w for _, w, _ in ds.parts), 0
+    mean = torch.zeros(2)
+    for count, w, _ in ds.parts:
+        mean += mean_ab(ds.images[start:start + count]) * w / total
+        start += count
+    return mean
+
+
+def load_split(folders, image_size, val_percent, cache_dir="cache", seed=0, crop_area=CROP_AREA,
+               scene_crop_area=SCENE_CROP_AREA):
+    """(train, val) PhotoDatasets over folders [(path, weight, scene)] (or one path: portraits), each split by
+    file name."""
+    if isinstance(folders, str):
+        folders = [(folders, 1.0, False)]
+    sides = {True: ([], []), False: ([], [])}  # validation?: (images, parts)
+    for path, weight, scene in folders:
+        images, names = build_cache(path, image_size, cache_dir)
+        val = [is_validation(n, val_percent) for n in names]
+        for side, (kept, parts) in sides.items():
+            chosen = [x for x, v in zip(images, val) if v == side]
+            if chosen:
+                kept += chosen
+                parts.append((len(chosen), weight, scene))
+    kw = dict(seed=seed, crop_area=crop_area, scene_crop_area=scene_crop_area)
+    (train, train_parts), (val, val_parts) = sides[False], sides[True]
+    return (PhotoDataset(train, train=True, parts=train_parts, **kw), PhotoDataset(val, parts=val_parts, **kw))
 
 
 def make_loader(dataset, batch_size, image_size, epoch=0, skip_batches=0, rank=0, world_size=1, seed=0,

@@ -2,26 +2,28 @@
 inference.py's own code path, compared with the truth. Also the same photos re-framed, so robustness to framing
 is measured without another data set.
 
-    python evaluate.py --data ../shared/data/celeba_val --num-images 100
+    python evaluate.py --data ../shared/data/celeba_val --scene-data ../shared/data/scenes_val --num-images 100
     python evaluate.py --data ../shared/data/celeba_val --checkpoint old.pt --checkpoint new.pt --steps 20
 
-Views of each photo: whole; tight (a square around the face); loose (the photo small in a frame 1.6x its size,
-reflect-padded); rotated (15 degrees, alternating sign, cropped to the picture); landscape (the full width,
-0.6 of it high). Metrics, mean over photos, for ours and for the greyscale input itself:
+Views of each portrait (--data): whole; tight (a square around the face); loose (the photo small in a frame 1.6x
+its size, reflect-padded); rotated (15 degrees, alternating sign, cropped to the picture); landscape (the full
+width, 0.6 of it high). Of each scene (--scene-data): whole; centre (the middle half of each side: a detail);
+portrait (the full height, 0.75 of it wide); landscape. Metrics, mean over photos, for ours and for the greyscale
+input itself:
   PSNR      on RGB (scikit-image), higher is better
   dE00      CIEDE2000 of the colour alone: output and truth both at the truth's L, lower is better
   gross     the share of pixels whose dE00 exceeds 20: wrong colours, the blotches a mean hides
   CF        Hasler-Suesstrunk colourfulness; dCF = |mean CF(outputs) - mean CF(truth)|
   face/rest CF(outputs) - CF(truth) inside the face square (the tight view's, re-framed with the photo) and
             outside it: a whole-photo CF near the truth's can be a bold face beside muted clothes and rooms
+            (portraits only)
 Writes <out>/eval.md (the table) and <out>/grid.png (per view and checkpoint: greyscale | ours | truth).
 """
-import argparse
 import os
 import sys
 
 # first: inference sets OMP_WAIT_POLICY before torch starts OpenMP (see there)
-from inference import (DEFAULT_CHECKPOINT, add_sampling_args, check_sampling_args, colorize_batch, fast_unet,
+from inference import (DEFAULT_CHECKPOINT, add_sampling_args, check_sampling_args, colorize_batch,
                        load_hints, sampling_kwargs, short_side)
 import numpy as np
 import torch
@@ -32,7 +34,8 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from model import CheckpointError, load_model
-from utils import ImageError, list_images, load_image, pick_device
+from runtime import fast_runtime
+from utils import ArgumentParser, ImageError, list_images, load_image, pick_device
 
 GROSS = 20  # CIEDE2000 above this is a different colour, not a shade of the right one
 
@@ -57,12 +60,18 @@ def view(img: Image.Image, name: str, k: int) -> Image.Image:
         rot = img.rotate(15 if k % 2 else -15, resample=Image.BICUBIC)
         return rot.crop((round(0.125 * w), round(0.125 * h), round(0.875 * w), round(0.875 * h)))
     if name == "landscape":
-        s = round(0.6 * w)
+        s = min(h, round(0.6 * w))
         return img.crop((0, (h - s) // 2, w, (h - s) // 2 + s))
+    if name == "portrait":
+        s = min(w, round(0.75 * h))
+        return img.crop(((w - s) // 2, 0, (w - s) // 2 + s, h))
+    if name == "centre":
+        return img.crop((w // 4, h // 4, w // 4 + w // 2, h // 4 + h // 2))
     raise ValueError(f"unknown view {name!r}")
 
 
-VIEWS = ("whole", "tight", "loose", "rotated", "landscape")
+VIEWS = ("whole", "tight", "loose", "rotated", "landscape")  # of portraits
+SCENE_VIEWS = ("whole", "centre", "portrait", "landscape")
 
 
 def face_mask(photo: Image.Image, name: str, k: int) -> np.ndarray:
@@ -90,7 +99,9 @@ def scores(out, truth):
     lab_truth, lab_out = rgb2lab(truth), rgb2lab(out)
     lab_out[..., 0] = lab_truth[..., 0]  # the colour alone: the output's lightness error is not counted twice
     de = deltaE_ciede2000(lab_truth, lab_out)
-    return peak_signal_noise_ratio(truth, out, data_range=255), de.mean(), (de > GROSS).mean(), colourfulness(out)
+    with np.errstate(divide="ignore"):  # identical images: PSNR is infinite, as it should be
+        psnr = peak_signal_noise_ratio(truth, out, data_range=255)
+    return psnr, de.mean(), (de > GROSS).mean(), colourfulness(out)
 
 
 def simulated_hints(photo: Image.Image, n, rng, size=5) -> Image.Image:
@@ -116,8 +127,8 @@ def at_hints(out, hint):
     return deltaE_ciede2000(lab_out[mask], lab_hint[mask]).mean()
 
 
-def evaluate(model, photos, batch_size=16, seed=0, unet=None, hints=None, masks=None, **sampling):
-    """photos: colour PIL images. Colorizes each one's PIL greyscale as inference.py does (`unet`: its runtime),
+def evaluate(model, photos, batch_size=16, seed=0, runtime=None, hints=None, masks=None, **sampling):
+    """photos: colour PIL images. Colorizes each one's PIL greyscale as inference.py does (`runtime`: what runs the networks),
     with `hints` (per photo, an RGBA hint image) if given; then also the error at the hinted pixels, and the
     diversity away from them (the mean CIEDE2000 between two samples there). `masks` (per photo, face_mask): the
     colourfulness bias inside and outside them. Returns ({metric: mean}, outputs)."""
@@ -129,7 +140,7 @@ def evaluate(model, photos, batch_size=16, seed=0, unet=None, hints=None, masks=
         hint = None if hints is None else [load_hints(h, p.size) if h.getextrema()[3][1] else None
                                            for h, p in zip(hints[chunk], photos[chunk])]
         outputs += colorize_batch(model, greys[chunk], num_samples=samples, seed=seed + start,
-                                  batch_size=batch_size * samples, unet=unet, hints=hint, **sampling)
+                                  batch_size=batch_size * samples, runtime=runtime, hints=hint, **sampling)
     rows = []
     for k, (photo, grey, outs) in enumerate(zip(photos, greys, outputs)):
         truth, out = np.asarray(photo), np.asarray(outs[0])
@@ -153,7 +164,10 @@ def face_rest(m):
 
 
 def table(results):
-    """results: [(label, view, metrics)] -> a markdown table, the greyscale baseline once per view."""
+    """results: [(label, view, metrics)] -> a markdown table, grouped by view, each view's greyscale baseline
+    first."""
+    order = list(dict.fromkeys(name for _, name, _ in results))
+    results = sorted(results, key=lambda r: order.index(r[1]))  # stable: checkpoints in the order given
     lines = ["| view | | PSNR (dB) ↑ | CIEDE2000 ↓ | gross (dE00 > 20) ↓ | colourfulness (truth) | dCF ↓ "
              "| face / rest: CF - truth |", "|---|---|---|---|---|---|---|---|"]
     shown = set()
@@ -230,15 +244,18 @@ def load_photos(folder, num_images, offset):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", required=True, help="folder of colour photos of people the model never trained on")
+    p = ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", help="folder of colour portraits of people the model never trained on (face views)")
+    p.add_argument("--scene-data", help="folder of colour photos that are not portraits, never trained on (scene "
+                   "views)")
     p.add_argument("--checkpoint", action="append",
                    help="model checkpoint; give several to compare them, each with its own defaults "
                    "(default: the shipped one)")
     p.add_argument("--num-images", type=int, default=100)
     p.add_argument("--offset", type=int, default=0,
                    help="start the evenly spaced choice of photos here: tune on one offset, report on another")
-    p.add_argument("--views", default=",".join(VIEWS), help=f"comma-separated, of {', '.join(VIEWS)}")
+    p.add_argument("--views", help=f"comma-separated, of {', '.join(VIEWS)} (portraits) and "
+                   f"{', '.join(SCENE_VIEWS)} (scenes); default: all of them")
     p.add_argument("--hints", help="comma-separated numbers of simulated clicks, e.g. 0,1,2,5,10,20,50: colour "
                    "hints revealed from the truth, whole photos only (writes hints.md and hints.svg)")
     add_sampling_args(p)
@@ -249,21 +266,27 @@ def main(argv=None):
     p.add_argument("--out", default="eval")
     args = p.parse_args(argv)
     check_sampling_args(p, args)
-    views = args.views.split(",")
-    if not set(views) <= set(VIEWS) or args.num_images < 1:
-        p.error(f"--views must name some of {', '.join(VIEWS)}; --num-images must be at least 1")
+    views = args.views.split(",") if args.views else VIEWS + SCENE_VIEWS
+    if not set(views) <= set(VIEWS + SCENE_VIEWS) or args.num_images < 1:
+        p.error(f"--views must name some of {', '.join(dict.fromkeys(VIEWS + SCENE_VIEWS))}; --num-images must be "
+                "at least 1")
+    if not (args.data or args.scene_data):
+        p.error("give the photos to evaluate on: --data (portraits), --scene-data (scenes), or both")
     try:
         clicks = [int(n) for n in args.hints.split(",")] if args.hints else None
         assert clicks is None or min(clicks) >= 0
     except (ValueError, AssertionError):
         p.error("--hints takes comma-separated numbers of clicks, e.g. 0,1,2,5,10")
 
-    photos = load_photos(args.data, args.num_images, args.offset)
+    # (name, photos, their views, whether the face views' square applies)
+    sets = [(os.path.basename(os.path.normpath(folder)), load_photos(folder, args.num_images, args.offset),
+             [v for v in views if v in kind_views], faces)
+            for folder, kind_views, faces in ((args.data, VIEWS, True), (args.scene_data, SCENE_VIEWS, False)) if folder]
     device = pick_device(args.device)
     results, rows = [], []
     for path in args.checkpoint or [DEFAULT_CHECKPOINT]:
         model = load_model(path, device)
-        unet = fast_unet(model, path, args.runtime)
+        runtime = fast_runtime(model, args.runtime)
         c = model.config
         sampling = sampling_kwargs(args)
         shown = {k: (v if v is not None else getattr(c, f)) for k, v, f in
@@ -286,9 +309,10 @@ def main(argv=None):
             shown.pop("steps"), shown.pop("eta")
         label = f"{os.path.basename(path)}: " + ", ".join(f"{k} {v}" for k, v in shown.items())
         if clicks is not None:  # the same clicks for every checkpoint: a generator per (seed, photo)
+            photos = sets[0][1]
             for n in clicks:
                 hints = [simulated_hints(p, n, np.random.default_rng([args.seed, k])) for k, p in enumerate(photos)]
-                m, outputs = evaluate(model, photos, args.batch_size, args.seed, unet, hints, **sampling)
+                m, outputs = evaluate(model, photos, args.batch_size, args.seed, runtime, hints, **sampling)
                 results.append((label, n, m))
                 shown_hints = [Image.alpha_composite(p.convert("L").convert("RGBA"), h) for p, h in zip(photos, hints)]
                 rows += [shown_hints, outputs]
@@ -296,14 +320,15 @@ def main(argv=None):
                       f"diversity {m['diversity']:.2f}", file=sys.stderr)
             rows.append(photos)
             continue
-        for name in views:
-            framed = [view(photo, name, k) for k, photo in enumerate(photos)]
-            masks = [face_mask(photo, name, k) for k, photo in enumerate(photos)]
-            m, outputs = evaluate(model, framed, args.batch_size, args.seed, unet, masks=masks, **sampling)
-            results.append((label, name, m))
-            rows += [[f.convert("L") for f in framed], outputs, framed]
-            print(f"{name}, {label}: PSNR {m['psnr']:.2f} dE00 {m['de']:.2f} gross {100 * m['gross']:.1f}% "
-                  f"dCF {m['dcf']:.1f} face / rest {face_rest(m)}", file=sys.stderr)
+        for split, photos, split_views, faces in sets:
+            for name in split_views:
+                framed = [view(photo, name, k) for k, photo in enumerate(photos)]
+                masks = [face_mask(photo, name, k) for k, photo in enumerate(photos)] if faces else None
+                m, outputs = evaluate(model, framed, args.batch_size, args.seed, runtime, masks=masks, **sampling)
+                results.append((label, f"{split}: {name}" if len(sets) > 1 else name, m))
+                rows += [[f.convert("L") for f in framed], outputs, framed]
+                print(f"{split} {name}, {label}: PSNR {m['psnr']:.2f} dE00 {m['de']:.2f} gross "
+                      f"{100 * m['gross']:.1f}% dCF {m['dcf']:.1f} face / rest {face_rest(m)}", file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
     if clicks is not None:
         md = hints_table(results)
@@ -312,8 +337,8 @@ def main(argv=None):
     else:
         md = table(results)
     with open(os.path.join(args.out, "hints.md" if clicks is not None else "eval.md"), "w") as f:
-        f.write(f"{len(photos)} photos of {os.path.basename(os.path.normpath(args.data))} (offset {args.offset}), "
-                f"seed {args.seed}, greyscale by PIL\n\n{md}\n")
+        f.write(f"{' and '.join(f'{len(photos)} photos of {split}' for split, photos, _, _ in sets)} "
+                f"(offset {args.offset}), seed {args.seed}, greyscale by PIL\n\n{md}\n")
     grid(rows).save(os.path.join(args.out, "grid.png"))
     print(md)
 

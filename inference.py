@@ -10,14 +10,10 @@ then upsampled to the input's full size and recombined with the input's own full
 is lost. A colour photo is colorized from its lightness alone. `python inference.py --help` lists every flag.
 """
 import argparse
-import hashlib
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
-import warnings
 
 # OpenMP threads that spin while they wait for each other collapse when another process keeps the cores busy:
 # one step of the default model went from ~30 ms to 0.2-1.8 s on 2 cores beside a training run, and stayed
@@ -29,16 +25,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 from tqdm import tqdm
 
-from model import SAMPLERS, CheckpointError, guidance_check, interval_check, load_model, min_signal_check
-from utils import (IMAGE_EXTENSIONS, ImageError, bf16_is_fast, comma_separated, fit_to_gamut, is_greyscale,
-                   lab_to_rgb, list_images, load_image, pick_device, pil_to_tensor, rgb_to_lab, save_image,
-                   tensor_to_pil, use_bf16)
+from model import SAMPLERS, SAMPLING_LIMITS, CheckpointError, guidance_check, interval_check, load_model, range_check
+from gif import GifRecorder
+from runtime import fast_runtime
+from utils import (GREY_LIGHTNESS, IMAGE_EXTENSIONS, ArgumentParser, ImageError, comma_separated, is_greyscale,
+                   lab_to_rgb8, lightness, list_images, load_image, pick_device, pil_to_tensor, rgb_to_lab,
+                   save_image, use_bf16)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "color-diffusion")
 DEFAULT_CHECKPOINT = os.path.join(HERE, "checkpoints", "celeba64.pt")
 DEFAULT_BATCH = 16
 STRIP_PIXELS = 1 << 19  # recombine() works on horizontal strips of about this many pixels
@@ -92,11 +88,15 @@ def model_size(model, h, w, size=None):
 
 
 def model_input(model, img: Image.Image, size=None) -> torch.Tensor:
-    """The greyscale the model sees: (1, 1, h, w) normalized L at model_size, on the CPU."""
-    rgb, _ = greyscale_rgb(img)
-    h, w = model_size(model, *rgb.shape[-2:], size)
-    # antialiased resize of the image, then its L: the same path the training data took
-    return rgb_to_lab(F.interpolate(rgb, (h, w), mode="bicubic", antialias=True).clamp(0, 1))[:, :1]
+    """The greyscale the model sees: (1, 1, h, w) normalized L at model_size, on the CPU: an antialiased
+    bicubic resize of the image, then its L (the path the training data took). 8-bit images are resized by PIL,
+    before anything is converted at full size: a scan's 10 megapixels cost milliseconds."""
+    h, w = model_size(model, img.height, img.width, size)
+    if img.mode in ("L", "RGB"):
+        small = pil_to_tensor(img.resize((w, h), Image.BICUBIC))
+    else:  # 16-bit, palettes, alpha, CMYK: as greyscale_rgb reads them
+        small = F.interpolate(greyscale_rgb(img)[0], (h, w), mode="bicubic", antialias=True)
+    return lightness(small)
 
 
 def load_hints(path_or_image, size) -> torch.Tensor:
@@ -122,25 +122,36 @@ def model_hints(hints: torch.Tensor, h, w) -> torch.Tensor:
     return torch.cat([pooled[:, :2] / pooled[:, 2:].clamp(min=1e-8) * mask, mask.float()], dim=1)
 
 
+def full_lightness(img: Image.Image) -> tuple[torch.Tensor, Image.Image | None]:
+    """The input's own L at full resolution (1, 1, H, W), and its alpha channel or None. 8-bit greyscale (most
+    scans) through a table of its 256 levels; other images in strips: a 12-megapixel photo's temporaries would
+    take gigabytes at once."""
+    if img.mode in ("L", "LA"):
+        grey = np.asarray(img.getchannel("L"))
+        return torch.from_numpy(GREY_LIGHTNESS[grey])[None, None], img.getchannel("A") if img.mode == "LA" else None
+    rgb, alpha = greyscale_rgb(img)
+    rows = max(1, STRIP_PIXELS // rgb.shape[-1])
+    return torch.cat([lightness(rgb[..., top:top + rows, :]) for top in range(0, rgb.shape[-2], rows)], -2), alpha
+
+
 def recombine(img: Image.Image, ab: torch.Tensor, hints: torch.Tensor | None = None) -> list[Image.Image]:
     """The input's own full-resolution L + each of the K samples ab (K, 2, h, w), upsampled to its size ->
     K PIL RGB images (RGBA if the input had alpha). The input's L is computed once for all K. Hinted pixels
     (full-size `hints`, see load_hints) take the hinted colour. Colours outside sRGB lose chroma, not
     lightness, so the outputs keep the input's L."""
-    rgb, alpha = greyscale_rgb(img)
-    H, W = rgb.shape[-2:]
+    L, alpha = full_lightness(img)
+    H, W = L.shape[-2:]
     rows = max(1, STRIP_PIXELS // W)
-    strips = range(0, H, rows)  # a 12-megapixel photo's LAB temporaries would take gigabytes at once
-    L = torch.cat([rgb_to_lab(rgb[..., top:top + rows, :])[:, :1] for top in strips], dim=-2)
     outs = []
     for k in range(len(ab)):
         ab_full = F.interpolate(ab[k:k + 1].float().cpu(), (H, W), mode="bilinear", align_corners=False)
         if hints is not None:
             ab_full = torch.where(hints[:, 2:] > 0, hints[:, :2], ab_full)
-        out = Image.new("RGB", (W, H))
-        for top in strips:
-            lab = fit_to_gamut(torch.cat([L[..., top:top + rows, :], ab_full[..., top:top + rows, :]], dim=1))
-            out.paste(tensor_to_pil(lab_to_rgb(lab)), (0, top))
+        out = np.empty((H, W, 3), np.uint8)
+        for top in range(0, H, rows):
+            lab = torch.cat([L[..., top:top + rows, :], ab_full[..., top:top + rows, :]], dim=1)
+            out[top:top + rows] = lab_to_rgb8(lab)[0].permute(1, 2, 0).numpy()
+        out = Image.fromarray(out)
         if alpha is not None:
             out.putalpha(alpha)
         outs.append(out)
@@ -149,17 +160,18 @@ def recombine(img: Image.Image, ab: torch.Tensor, hints: torch.Tensor | None = N
 
 @torch.inference_mode()
 def colorize_batch(model, images, num_samples=1, seed=None, callback=None, amp=None, batch_size=DEFAULT_BATCH,
-                   hints=None, unet=None, size=None, **sampling):
+                   hints=None, runtime=None, size=None, **sampling):
     """Colorize a list of PIL images: returns, per image, a list of `num_samples` PIL images at that image's
     exact size. Images with the same model resolution are sampled together, up to `batch_size` rows (an image
     with num_samples=K takes K rows). `sampling` (sampler, steps, eta, min_signal, guidance, guidance_first,
     guidance_interval, antithetic, dynamic_thresholding) goes to model.sample: what is not given is the
-    checkpoint's. `hints`: per image, None or full-size hints (load_hints). `unet`: another runtime's UNet
-    (OpenVINOUNet). `size`: the short side the model runs at (short_side). With `seed`, the same call gives the
+    checkpoint's. `hints`: per image, None or full-size hints (load_hints). `runtime`: what runs the
+    networks (runtime.py; default: fast_runtime's, OpenVINO on a CPU; `model` itself for PyTorch). `size`: the short side the model runs at (short_side). With `seed`, the same call gives the
     same result bit for bit. amp: bf16 autocast, see utils.use_bf16 (None: where it is fast).
     callback(i, n, x_t, x0) sees each step of each batch (model-space tensors, num_samples rows per image)."""
     device = next(model.parameters()).device
-    amp = use_bf16(device, amp)
+    runtime = fast_runtime(model) if runtime is None else runtime
+    amp = use_bf16(device, amp) and runtime is model  # autocast is PyTorch's
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     smalls = [model_input(model, img, size) for img in images]
     hinted = hints is not None and any(h is not None for h in hints)
@@ -178,8 +190,8 @@ def colorize_batch(model, images, num_samples=1, seed=None, callback=None, amp=N
                 small_hints = torch.cat([model_hints(hints[i], *L.shape[-2:]) if hints[i] is not None
                                          else torch.zeros(1, 3, *L.shape[-2:]) for i in chunk])
                 small_hints = small_hints.repeat_interleave(num_samples, dim=0).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and unet is None):
-                ab = model.sample(L, hints=small_hints, generator=generator, callback=callback, unet=unet,
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                ab = model.sample(L, hints=small_hints, generator=generator, callback=callback, runtime=runtime,
                                   **sampling)
             for j, i in enumerate(chunk):  # one at a time: a full-size 4000x4000 LAB image is large
                 results[i] = recombine(images[i], ab[j * num_samples:(j + 1) * num_samples],
@@ -187,130 +199,14 @@ def colorize_batch(model, images, num_samples=1, seed=None, callback=None, amp=N
     return results
 
 
-def colorize(model, img: Image.Image, num_samples=1, seed=None, callback=None, amp=None, hints=None, unet=None,
-             **sampling):
+def colorize(model, img: Image.Image, num_samples=1, seed=None, callback=None, amp=None, hints=None,
+             runtime=None, **sampling):
     """Colorize one image: returns `num_samples` PIL images (RGB, or RGBA if the input had alpha) at the
-    input's exact size; `hints` (full-size, load_hints), `unet` and `sampling` as in colorize_batch.
+    input's exact size; `hints` (full-size, load_hints), `runtime` and `sampling` as in colorize_batch.
     callback(i, n, x_t, x0) sees each step."""
     return colorize_batch(model, [img], num_samples=num_samples, seed=seed, callback=callback, amp=amp,
-                          batch_size=num_samples, hints=None if hints is None else [hints], unet=unet,
+                          batch_size=num_samples, hints=None if hints is None else [hints], runtime=runtime,
                           **sampling)[0]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# a fast CPU runtime
-
-class _UNetCall(nn.Module):
-    """model.unet.denoise with the encoder's features as separate inputs: the form OpenVINO converts."""
-
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, x, t_emb, *feats):
-        return self.unet.denoise(x, t_emb, list(feats))
-
-
-class OpenVINOUNet:
-    """model.unet compiled by OpenVINO for this CPU, in bf16 where the CPU computes it natively: 7x PyTorch's
-    speed for one photo on 2 cores, 1.6x in batches of 16 (benchmark.py). Called as model.unet is
-    (model.denoiser's `unet`); the timestep's embedding is computed here in float32 (UNet.embed). The network
-    is converted once per checkpoint into CACHE (a few seconds, the first time only), and compiled once per
-    input shape; OpenVINO keeps the compiled blobs there too, so a later process starts in a fraction of a
-    second."""
-
-    def __init__(self, model, checkpoint):
-        import openvino as ov
-        st = os.stat(checkpoint)
-        # "embed": networks converted before the embedding left the graph take the timestep, not its embedding
-        key = f"{os.path.abspath(checkpoint)}:{st.st_size}:{st.st_mtime_ns}:{ov.__version__}:embed"
-        folder = os.path.join(CACHE, hashlib.sha1(key.encode()).hexdigest()[:16])
-        xml = os.path.join(folder, "unet.xml")
-        if not os.path.exists(xml):
-            c = model.config
-            L = torch.zeros(1, 1, c.image_size, c.image_size)
-            x = torch.zeros(1, model.unet.init_conv.in_channels, c.image_size, c.image_size)
-            print("note: converting the model for OpenVINO, once for this checkpoint", file=sys.stderr)
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the tracer's warnings about torch.jit are for developers
-                t_emb = model.unet.embed(torch.zeros(1, dtype=torch.long), torch.ones(1))
-                converted = ov.convert_model(_UNetCall(model.unet).float().eval(),
-                                             example_input=(x, t_emb, *model.encoder(L)))
-            os.makedirs(CACHE, exist_ok=True)
-            tmp = tempfile.mkdtemp(dir=CACHE)  # written whole, then moved: a crash leaves no half model
-            ov.save_model(converted, os.path.join(tmp, "unet.xml"))
-            try:
-                os.replace(tmp, folder)
-            except OSError:  # another process got there first
-                shutil.rmtree(tmp, ignore_errors=True)
-        self.core = ov.Core()
-        self.core.set_property({"CACHE_DIR": folder})
-        self.network = self.core.read_model(xml)
-        self.config = {"INFERENCE_PRECISION_HINT": "bf16" if bf16_is_fast(torch.device("cpu")) else "f32"}
-        self.embed, self.requests = model.unet.embed, {}
-
-    def __call__(self, x, t, feats, w=None):
-        with torch.no_grad():
-            t_emb = self.embed(t, None if w is None else w.float())
-        inputs = [x.float(), t_emb.float(), *(f.float() for f in feats)]
-        shapes = tuple(tuple(i.shape) for i in inputs)
-        if shapes not in self.requests:  # static shapes run faster than dynamic ones
-            network = self.network.clone()
-            network.reshape({port: shape for port, shape in zip(network.inputs, shapes)})
-            self.requests[shapes] = self.core.compile_model(network, "CPU", self.config).create_infer_request()
-        request = self.requests[shapes]
-        request.infer([i.numpy() for i in inputs])
-        return torch.from_numpy(request.get_output_tensor(0).data.copy())
-
-
-def fast_unet(model, checkpoint, runtime="auto"):
-    """The UNet to sample with: OpenVINOUNet on a CPU ("auto" or "openvino"), None for the model's own
-    (PyTorch: the reference, and the GPU path). Without OpenVINO installed, "auto" says so in one line."""
-    if runtime == "torch" or next(model.parameters()).device.type != "cpu":
-        return None
-    try:
-        return OpenVINOUNet(model, checkpoint)
-    except ImportError:
-        if runtime == "openvino":
-            raise ValueError("--runtime openvino: OpenVINO is not installed (pip install openvino)") from None
-        print("note: OpenVINO is not installed: running on PyTorch, several times slower", file=sys.stderr)
-        return None
-
-
-# ---------------------------------------------------------------------------------------------------------
-# the denoising process as an animation
-
-class GifRecorder:
-    """A colorize() callback that keeps at most `max_frames` steps as frames: the model's greyscale L with
-    the current x_t (or x0 prediction) as colour, samples side by side, upscaled (nearest) for visibility."""
-
-    def __init__(self, model, L_small, show="xt", max_frames=60, min_side=256):
-        self.L, self.scale = L_small.float().cpu(), model.config.ab_scale
-        self.show, self.max_frames = show, max_frames
-        self.zoom = max(1, math.ceil(min_side / min(L_small.shape[-2:])))
-        self.frames = []
-
-    def render(self, ab):
-        K = ab.shape[0]
-        rgb = lab_to_rgb(fit_to_gamut(torch.cat([self.L.expand(K, -1, -1, -1), ab.float().cpu()], dim=1)))
-        img = tensor_to_pil(torch.cat(list(rgb), dim=-1))  # samples side by side
-        return img.resize((img.width * self.zoom, img.height * self.zoom), Image.NEAREST)
-
-    def __call__(self, i, n, x_t, x0):
-        stride = math.ceil(n / self.max_frames)
-        if i % stride == 0 or i == n - 1:
-            self.frames.append(self.render((x_t if self.show == "xt" else x0) / self.scale))
-
-    def save(self, path, outputs):
-        """Save the frames, ending on the final full-resolution outputs (held for 2 s)."""
-        w, h = self.frames[-1].size
-        tile = (w // len(outputs), h)
-        final = Image.new("RGB", (w, h))
-        for k, out in enumerate(outputs):
-            final.paste(out.convert("RGB").resize(tile, Image.LANCZOS), (k * tile[0], 0))
-        frames = self.frames + [final]
-        save_image(frames[0], path, save_all=True, append_images=frames[1:], loop=0,
-                   duration=[80] * (len(frames) - 1) + [2000])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -320,17 +216,16 @@ class UsageError(Exception):
     """A problem with the command line or the paths it names; the message is one line for the user."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other error here, instead of usage + error
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def add_sampling_args(p):
     """The sampler flags, for this command line and evaluate.py; each defaults to the checkpoint's setting."""
     p.add_argument("--sampler", choices=list(SAMPLERS), help="ddim, dpm++2m (fewer steps), or ddpm: the full "
                    "ancestral loop over every timestep (slow). Default: the checkpoint's")
-    p.add_argument("--ddpm", action="store_const", const="ddpm", dest="sampler", help="the same as --sampler ddpm")
-    p.add_argument("--steps", type=int, help="denoising steps (ddim, dpm++2m; default: the checkpoint's)")
+    p.add_argument("--ddpm", action="store_const", const="ddpm", dest="sampler", help="the same as --sampler ddpm: "
+                   "the faithful ancestral loop over every timestep. The checkpoint's guidance is chosen for its few "
+                   "steps and is garish here; --ddpm --guidance 1 --guidance-first 0 is the original's unguided loop")
+    p.add_argument("--steps", type=int, help="denoising steps (ddim, dpm++2m; default: the checkpoint's). The "
+                   "guidance is chosen for the default: more steps guide more often and colour more boldly, so "
+                   "lower --guidance with them")
     p.add_argument("--eta", type=float, help="fresh noise per step: 0 deterministic, 1 DDPM-like, more re-noises "
                    "more (ddim, dpm++2m; default: the checkpoint's)")
     p.add_argument("--min-signal", type=float,
@@ -357,15 +252,9 @@ def add_sampling_args(p):
 def check_sampling_args(p, args):
     if args.sampler == "ddpm" and (args.steps is not None or args.eta is not None):
         p.error("--ddpm (--sampler ddpm) runs every timestep with eta 1: leave out --steps and --eta")
-    if args.steps is not None and args.steps < 1:
-        p.error("--steps must be at least 1")
-    if args.size is not None and args.size < 8:
-        p.error("--size must be at least 8 pixels")
-    for name in ("eta", "guidance", "guidance_first"):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must be >= 0")
-    for ok, message in [min_signal_check(args.min_signal or 0, "--min-signal"),
-                        interval_check(args.guidance_interval or (0, 1), "--guidance-interval")]:
+    checks = [range_check(getattr(args, name), f"--{name.replace('_', '-')}", *limits)
+              for name, limits in SAMPLING_LIMITS.items() if getattr(args, name) is not None]
+    for ok, message in checks + [interval_check(args.guidance_interval or (0, 1), "--guidance-interval")]:
         if not ok:
             p.error(message)
 
@@ -379,7 +268,7 @@ def sampling_kwargs(args):
 
 
 def parse_args(argv=None):
-    p = _Parser(description="Colorize greyscale photos (a file or every image in a folder) with Color Diffusion.")
+    p = ArgumentParser(description="Colorize greyscale photos (a file or every image in a folder) with Color Diffusion.")
     p.add_argument("--image-path", required=True, help="an image, or a folder of images")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="model checkpoint (.pt)")
     p.add_argument("--output", help="output file (its extension picks the format: .png .jpg .webp .tif .bmp) "
@@ -394,7 +283,8 @@ def parse_args(argv=None):
     p.add_argument("--hints", metavar="PNG", help="colour hints: an RGBA image (any size, scaled to the photo's) "
                    "whose opaque pixels give their colour; the regions around them follow")
     p.add_argument("--runtime", choices=("auto", "openvino", "torch"), default="auto",
-                   help="auto: OpenVINO on a CPU (converted once per checkpoint, cached), PyTorch on a GPU")
+                   help="auto: OpenVINO on a CPU (the encoder and the UNet, converted once per set of weights into "
+                   "~/.cache/color-diffusion), PyTorch on a GPU")
     p.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
                    help="bf16 autocast; auto: on where bf16 is fast (CUDA, CPUs with AVX512-BF16/AMX)")
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, one per core)")
@@ -404,9 +294,9 @@ def parse_args(argv=None):
                    help="GIF frames show the noisy x_t or the model's current x0 prediction")
     args = p.parse_args(argv)
     check_sampling_args(p, args)
-    for name in ("num_samples", "batch_size", "threads"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name, high in (("num_samples", 64), ("batch_size", 1024), ("threads", 1024)):
+        if getattr(args, name) is not None and not 1 <= getattr(args, name) <= high:
+            p.error(f"--{name.replace('_', '-')} must be from 1 to {high}")
     if args.skip_existing and args.overwrite:
         p.error("--skip-existing and --overwrite contradict each other")
     return args
@@ -532,7 +422,7 @@ def run_file(args, device):
         print(f"note: {src} is a colour photo: it is colorized from its greyscale version", file=sys.stderr)
     model = _load(args, device)
     kwargs = _sampler_kwargs(args)
-    unet = fast_unet(model, args.checkpoint, args.runtime)
+    runtime = fast_runtime(model, args.runtime)
     recorder = GifRecorder(model, model_input(model, img, args.size), args.gif_show) if args.save_gif else None
     bar = tqdm(unit="step", leave=False, file=sys.stderr, disable=None)  # shown on a terminal only
 
@@ -542,7 +432,7 @@ def run_file(args, device):
         if recorder:
             recorder(i, n, x_t, x0)
     t0 = time.time()
-    results = colorize(model, img, callback=callback, hints=hints, unet=unet, **kwargs)
+    results = colorize(model, img, callback=callback, hints=hints, runtime=runtime, **kwargs)
     seconds = time.time() - t0
     bar.close()
     if results[0].mode == "RGBA" and fmt == "JPEG":
@@ -586,7 +476,7 @@ def run_folder(args, device):
     _make_dir(out_dir)
     model = _load(args, device)
     kwargs = _sampler_kwargs(args)
-    unet = fast_unet(model, args.checkpoint, args.runtime)
+    runtime = fast_runtime(model, args.runtime)
     per_batch = max(1, args.batch_size // args.num_samples)
 
     failed, colour, done = [], 0, 0
@@ -605,7 +495,7 @@ def run_folder(args, device):
             continue
         try:  # colorize_batch samples the photos of each model resolution together
             results = colorize_batch(model, [img for _, _, img in batch], batch_size=per_batch * args.num_samples,
-                                     unet=unet, **kwargs)
+                                     runtime=runtime, **kwargs)
         except Exception as e:  # e.g. out of memory: report these files, go on with the rest
             failed.extend(f"{i}: {type(e).__name__}: {e}".splitlines()[0] for i, _, _ in batch)
             bar.update(len(batch))

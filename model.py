@@ -12,12 +12,19 @@ import torch
 from torch import nn
 
 from unet import GreyscaleEncoder, UNet
+from utils import folder_weight
 
 
-def min_signal_check(value, name):
-    """(ok, message) for where sampling starts: a signal level sqrt(a_t) in [0, 1). One check for the config
-    and for the command lines that override it."""
-    return 0 <= value < 1, f"{name} must be in [0, 1): 0 starts from pure noise at t = T"
+# Where each sampling setting makes sense: one table for the config, the command lines and the web page. Outside
+# it (or NaN, or infinite) a photo comes out black, or the machine is held for minutes, never a better picture.
+SAMPLING_LIMITS = {"steps": (1, 1000), "eta": (0, 5), "min_signal": (0, 0.99), "guidance": (0, 10),
+                   "guidance_first": (0, 10), "size": (8, 1024)}
+
+
+def range_check(value, name, low, high):
+    """(ok, message): a finite number from low to high."""
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high
+    return ok, f"{name} must be a number from {low} to {high}, not {value}"
 
 
 def guidance_check(guidance, cond_drop):
@@ -95,12 +102,17 @@ class Config:
                                   "2022): the student samples in this many DDIM steps, each one learning two "
                                   "of the teacher's guided ones (its grid of 2N - 1 steps); 0 = guidance alone")
     # data
-    data: str = _field("img_align_celeba", "folder of colour photos")
+    data: tuple = _field(("img_align_celeba",), "folders of colour portraits, comma-separated, each FOLDER or "
+                                               "FOLDER:WEIGHT (its share of the examples; default 1)")
+    scene_data: tuple = _field((), "folders of colour photos that are not portraits (landscapes, streets, "
+                                   "rooms), each FOLDER or FOLDER:WEIGHT, mixed with --data: cropped as scenes")
     cache_dir: str = _field("cache", "where the decoded photos are kept")
     val_percent: float = _field(2.0, "held-out percentage of files (by file-name hash): the validation loss")
     crop_area: tuple = _field((0.3, 2.6), "training crops' area in multiples of the photo's, log-uniform: below 1 "
                                           "zoomed in (a face filling the frame), above 1 the photo small in a "
                                           "reflect-padded frame")
+    scene_crop_area: tuple = _field((0.35, 1.0), "the scene crops' area in multiples of the photo's, log-uniform, "
+                                                 "inside the photo and level")
     # training
     out_dir: str = _field("runs/celeba64", "checkpoints, sample grids, log")
     batch_size: int = _field(32, "global batch size (split across torchrun processes)")
@@ -120,16 +132,25 @@ class Config:
 
     def __post_init__(self):
         """Reject what would otherwise fail deep inside training or sampling, with a traceback, or silently."""
+        if isinstance(self.data, str):  # checkpoints before scene_data: one folder
+            self.data = (self.data,)
+        for f in fields(self):  # NaN passes every comparison below unnoticed
+            value = getattr(self, f.name)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple)
+                                                                          else (value,))):
+                raise ValueError(f"config: {f.name} must be a finite number, not {value}")
         levels = 2 ** (len(self.dim_mults) - 1)
         checks = [
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}"),
             (self.dim >= 1 and len(self.dim_mults) >= 1 and min(self.dim_mults) >= 1,
              "dim and dim_mults must be positive"),
-            (self.image_size >= levels and self.image_size % levels == 0,
-             f"image_size must be a multiple of {levels} (the UNet halves it {len(self.dim_mults) - 1} times)"),
+            (levels <= self.image_size <= 1024 and self.image_size % levels == 0,
+             f"image_size must be a multiple of {levels} (the UNet halves it {len(self.dim_mults) - 1} times), "
+             "at most 1024"),
             (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
             (0 <= self.cond_drop < 1, "cond_drop must be in [0, 1)"),
-            (min(self.guidance, self.guidance_first) >= 0, "guidance and guidance_first must be >= 0"),
+            range_check(self.guidance, "guidance", *SAMPLING_LIMITS["guidance"]),
+            range_check(self.guidance_first, "guidance_first", *SAMPLING_LIMITS["guidance_first"]),
             (self.guidance_input or not self.teacher, "a student of --teacher needs --guidance-input true"),
             (self.distil_steps == 0 or (self.teacher and self.distil_steps >= 2),
              "distil_steps needs a --teacher, and at least 2 steps (from 1 there is nothing to halve)"),
@@ -139,13 +160,19 @@ class Config:
             (self.timesteps >= 2, "timesteps must be at least 2"),
             (self.ab_scale > 0, "ab_scale must be positive"),
             (self.min_snr_gamma >= 0 and self.snr_floor >= 0, "min_snr_gamma and snr_floor must be >= 0"),
-            min_signal_check(self.sample_min_signal, "sample_min_signal"),
+            range_check(self.sample_min_signal, "sample_min_signal", *SAMPLING_LIMITS["min_signal"]),
             (self.sampler in SAMPLERS, f"sampler must be one of {', '.join(SAMPLERS)}, not {self.sampler!r}"),
-            (self.sample_steps >= 1 and self.sample_eta >= 0, "sample_steps must be >= 1 and sample_eta >= 0"),
-            (self.sample_size >= 0, "sample_size must be >= 0"),
+            range_check(self.sample_steps, "sample_steps", *SAMPLING_LIMITS["steps"]),
+            range_check(self.sample_eta, "sample_eta", *SAMPLING_LIMITS["eta"]),
+            (self.sample_size == 0 or range_check(self.sample_size, "", *SAMPLING_LIMITS["size"])[0],
+             "sample_size must be 0 (the training size) or from {} to {}".format(*SAMPLING_LIMITS["size"])),
             (0 <= self.val_percent < 100, "val_percent must be in [0, 100)"),
             (len(self.crop_area) == 2 and 0 < self.crop_area[0] <= self.crop_area[1],
              "crop_area must be two areas, 0 < smallest <= largest"),
+            (len(self.scene_crop_area) == 2 and 0 < self.scene_crop_area[0] <= self.scene_crop_area[1] <= 1,
+             "scene_crop_area must be two areas, 0 < smallest <= largest <= 1"),
+            (len(self.data) >= 1 and all(0 < folder_weight(f)[1] < math.inf for f in self.data + self.scene_data),
+             "data needs a folder, and a folder's weight (FOLDER:WEIGHT) must be a positive number"),
             (self.batch_size >= 1 and self.lr > 0 and self.grad_clip > 0,
              "batch_size, lr and grad_clip must be positive"),
             (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)"),
@@ -452,7 +479,7 @@ class ColorDiffusion(nn.Module):
         x0 = (x - r * x_t) / (a_next.sqrt() - r * a.sqrt())
         return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
 
-    def denoiser(self, L, guidance=1.0, unet=None, interval=(0.0, 1.0), first=None):
+    def denoiser(self, L, guidance=1.0, runtime=None, interval=(0.0, 1.0), first=None):
         """eps = denoise(x_t, t) for fixed greyscale L: the encoder runs here once, not at every step.
         guidance w != 1 is classifier-free guidance (Ho & Salimans 2022): eps_uncond + w (eps - eps_uncond),
         the unconditional eps from cond_drop's null condition L = 0, both in one batch; a guidance-distilled
@@ -461,19 +488,19 @@ class ColorDiffusion(nn.Module):
         half alone. `first` = (t, w): the step at t guides at w instead (see guidance_scales). A model trained
         with hint inputs gets zeros there: sample() pins and spreads the hints itself, as at a few steps the
         trained inputs pull the rest of a hinted region away from its hint (a red wall clicked twice came out
-        green; spreading alone is 0.06-0.19 dB better at 2-10 hints, docs/experiments.md section 20). `unet` runs
-        instead of self.unet (another runtime)."""
+        green; spreading alone is 0.06-0.19 dB better at 2-10 hints, docs/experiments.md section 20). `runtime`: what
+        runs the encoder and the UNet (runtime.py; default: this model, PyTorch)."""
         scales = guidance_scales(self.alphas_cumprod, guidance, interval, first)  # once: no device sync per step
         for w in {guidance, *scales.values()}:
             ok, message = guidance_check(w, self.config.cond_drop)
             if not ok:
                 raise ValueError(message)
-        unet = self.unet if unet is None else unet
+        runtime = self if runtime is None else runtime
         student, n = self.config.guidance_input, L.shape[0]
         paired = bool(scales) and not student  # a student gives the guided eps in one pass
         if paired:
             L = torch.cat([L, torch.zeros_like(L)])
-        feats = self.encoder(L)
+        feats = runtime.encoder(L)
         extra = [torch.zeros(L.shape[0], 3, *L.shape[2:], device=L.device, dtype=L.dtype)] if self.config.hints \
             else []
 
@@ -481,7 +508,7 @@ class ColorDiffusion(nn.Module):
             w = scales.get(t, 1.0)
             k = 2 * n if w != 1 and paired else n  # rows of L, feats and hint inputs this step uses
             x = torch.cat([x, x]) if k > n else x
-            eps = unet(torch.cat([L[:k], x.to(L.dtype), *(e[:k] for e in extra)], dim=1),
+            eps = runtime.unet(torch.cat([L[:k], x.to(L.dtype), *(e[:k] for e in extra)], dim=1),
                        torch.full((k,), t, device=x.device, dtype=torch.long), [f[:k] for f in feats],
                        torch.full((n,), float(w), device=x.device) if student else None)
             if k > n:
@@ -503,11 +530,11 @@ class ColorDiffusion(nn.Module):
     @torch.no_grad()
     def sample(self, L, sampler=None, steps=None, eta=None, dynamic_thresholding=False, min_signal=None,
                guidance=None, guidance_interval=None, guidance_first=None, antithetic=None, hints=None,
-               generator=None, callback=None, unet=None):
+               generator=None, callback=None, runtime=None):
         """L: (N, 1, H, W) in [-1, 1] -> ab_n (N, 2, H, W). `sampler` (see SAMPLERS), `steps`, `eta`, `min_signal`
         (where sampling starts, see sampling_schedule), `guidance`, `guidance_interval`, `guidance_first` (0: the
         first step guides at `guidance` too) and `antithetic` (see antithetic_start) default to the config's;
-        `hints` (N, 3, H, W): hinted ab and mask, pinned and spread at every step (spread_hints); `unet`: see
+        `hints` (N, 3, H, W): hinted ab and mask, pinned and spread at every step (spread_hints); `runtime`: see
         `denoiser`. x0 is clipped to the data range at every step, or dynamically thresholded.
         `callback(i, n, x_t, x0)` sees model-space tensors."""
         c, s = self.config, self.config.ab_scale
@@ -516,7 +543,7 @@ class ColorDiffusion(nn.Module):
         ac = self.sampling_schedule(min_signal)
         guidance = c.guidance if guidance is None else guidance
         first = c.guidance_first if guidance_first is None else guidance_first
-        denoise = self.denoiser(L, guidance, unet,
+        denoise = self.denoiser(L, guidance, runtime,
                                 c.guidance_interval if guidance_interval is None else guidance_interval,
                                 first=(len(ac) - 1, first or guidance))
         # x_t at the start: sqrt(a) x0 + sqrt(1 - a) noise, with x0 taken as the data's mean colour. The mean
@@ -590,7 +617,7 @@ def load_model(path, device="cpu", use_ema=True):
 
 
 SAMPLING_FIELDS = ("sampler", "sample_steps", "sample_eta", "sample_min_signal", "guidance", "guidance_first",
-                   "guidance_interval", "sample_antithetic", "sample_size")
+                   "guidance_interval", "sample_antithetic", "sample_size", "ab_mean")
 
 
 def export_inference_checkpoint(src, dst, **sampling):

@@ -21,13 +21,13 @@ from torchvision.transforms.v2.functional import to_pil_image
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from dataset import batch_shape, load_split, make_loader, mean_ab
+from dataset import batch_shape, load_split, make_loader, mix_mean_ab
 from model import (CheckpointError, ColorDiffusion, Config, ema_update, export_inference_checkpoint, load_checkpoint,
                    load_model, save_checkpoint)
-from utils import comma_separated, lab_to_rgb, pick_device, use_bf16
+from utils import ArgumentParser, comma_separated, folder_weight, lab_to_rgb, pick_device, use_bf16
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train the Color Diffusion model.",
+    p = ArgumentParser(description="Train the Color Diffusion model.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     defaults = Config()
     for f in fields(Config):
@@ -36,14 +36,15 @@ def parse_args(argv=None):
         if kind is bool:
             kind = lambda s: s.lower() in ("1", "true", "yes", "on")  # noqa: E731
         elif kind is tuple:  # comma-separated, each item of the default's type (dim_mults: int, crop_area: float)
-            kind = comma_separated(type(default[0]))
+            kind = comma_separated(type(default[0]) if default else str)
         # SUPPRESS: only flags given on the command line appear, so --resume can tell them from defaults
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=argparse.SUPPRESS,
                        help=f"{f.metadata['help']} (default: "
                             f"{','.join(map(str, default)) if isinstance(default, tuple) else default})".lstrip())
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
     p.add_argument("--init", metavar="PATH", help="start a new run from the weights of this checkpoint (training "
-                   "or shipped, e.g. checkpoints/celeba64.pt): fine-tuning. Its model fields and ab_mean are kept")
+                   "or shipped, e.g. checkpoints/celeba64.pt): fine-tuning. Its model fields are kept (and a --teacher's "
+                   "student keeps its ab_mean, to sample as the teacher does)")
     p.add_argument("--export", metavar="PATH", help="write <out-dir>/ckpt.pt's EMA weights (fp16) and config to "
                    "PATH for inference, e.g. checkpoints/celeba64.pt, and exit; the sampling flags (--sampler, "
                    "--sample-*, --guidance*) set its sampling defaults")
@@ -95,22 +96,9 @@ def evaluate(ema, val, device, amp, n_loss=256, n_samples=8):
     return sum(losses) / len(batch), to_pil_image(make_grid(torch.cat(rows), nrow=len(truth), padding=0))
 
 
-def main(argv=None):
-    resume, init, export, given = parse_args(argv)
-    distributed = "RANK" in os.environ
-    rank, world, local_rank = 0, 1, 0
-    if distributed:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-
-    out_dir = given.get("out_dir", Config.out_dir)
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    if export:
-        given.pop("out_dir", None)
-        export_inference_checkpoint(ckpt_path, export, **given)
-        print(f"exported the EMA weights of {ckpt_path} to {export} ({os.path.getsize(export) / 2**20:.1f} MB)")
-        return
-    ckpt = None
+def run_config(resume, init, given, ckpt_path):
+    """(config, the checkpoint resumed or None, the checkpoint fine-tuned from or None) of this run: a resumed
+    run's own config with the flags given; a fine-tune's model fields from --init; else the flags."""
     if resume and init:
         raise ValueError("--init starts a new run and --resume continues one: pass one of them")
     if resume:
@@ -118,55 +106,58 @@ def main(argv=None):
         changed = changed_model_fields(given, Config.from_dict(ckpt["config"]))
         if changed:
             raise ValueError(f"cannot change the model's {', '.join(changed)} when resuming")
-        config = Config.from_dict({**ckpt["config"], **given})
-    else:
-        if init:  # the model (its fields, weights and the mean colour sampling starts from) comes from there
-            init_ckpt = load_checkpoint(init)
-            kept = {k: v for k, v in init_ckpt["config"].items() if k in Config.model_fields() + ("ab_mean",)}
-            # hint inputs and a student's guidance input can be added: they start at zero
-            added = ("hints", "guidance_input")
-            changed = changed_model_fields(given, Config.from_dict(kept), exempt=added)
-            kept.update({k: given.get(k, kept.get(k, False)) for k in added})
-            if changed:
-                raise ValueError(f"cannot change the model's {', '.join(changed)} when fine-tuning (--init)")
-            given = {**given, **kept}
-        config = Config.from_dict(given)
-        if os.path.exists(ckpt_path):
-            raise ValueError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out-dir")
-    if config.batch_size % world:
-        raise ValueError(f"--batch-size {config.batch_size} is not divisible by {world} processes")
+        return Config.from_dict({**ckpt["config"], **given}), ckpt, None
+    init_ckpt = None
+    if init:  # the model (its fields and weights; a student's start colour too) comes from there
+        init_ckpt = load_checkpoint(init)
+        keep = Config.model_fields() + (("ab_mean",) if given.get("teacher") else ())
+        kept = {k: v for k, v in init_ckpt["config"].items() if k in keep}
+        # hint inputs and a student's guidance input can be added: they start at zero
+        added = ("hints", "guidance_input")
+        changed = changed_model_fields(given, Config.from_dict(kept), exempt=added)
+        kept.update({k: given.get(k, kept.get(k, False)) for k in added})
+        if changed:
+            raise ValueError(f"cannot change the model's {', '.join(changed)} when fine-tuning (--init)")
+        given = {**given, **kept}
+    if os.path.exists(ckpt_path):
+        raise ValueError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out-dir")
+    return Config.from_dict(given), None, init_ckpt
 
+
+def setup_device(config, distributed, local_rank):
+    """(device, autocast context); joins the process group under torchrun."""
     device = pick_device(config.device)
     if distributed:
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    use_amp = use_bf16(device, config.amp)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if use_amp else nullcontext()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16(device, config.amp) else nullcontext()
+    return device, amp
 
-    split = (config.data, config.image_size, config.val_percent, config.cache_dir, config.seed, config.crop_area)
-    if rank == 0:  # decode the data once; the other ranks then read the cache
-        train_ds, val_ds = load_split(*split)
+
+def load_data(config, rank, distributed):
+    """(train, val) datasets of the config's folders: rank 0 decodes them into the cache, the others read it."""
+    folders = [(*folder_weight(f), scene) for scene, specs in ((False, config.data), (True, config.scene_data))
+               for f in specs]
+    split = (folders, config.image_size, config.val_percent, config.cache_dir, config.seed, config.crop_area,
+             config.scene_crop_area)
+    if rank == 0:
+        data = load_split(*split)
     if distributed:
         dist.barrier()
-    if rank != 0:
-        train_ds, val_ds = load_split(*split)
-    if ckpt is None and not init:  # the colour sampling starts from (ColorDiffusion.sample); checkpoints keep theirs
-        config.ab_mean = tuple(round(v, 5) for v in mean_ab(train_ds.images).tolist())
-    local_batch = config.batch_size // world
-    steps_per_epoch = len(train_ds) // world // local_batch
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_ds)} training images are fewer than one batch of {config.batch_size}")
+    return load_split(*split) if rank != 0 else data
 
+
+def build(config, device, ckpt, init, init_ckpt):
+    """(model, ema, optimizer, teacher or None, step): fresh, fine-tuned from init_ckpt, or resumed from ckpt."""
     torch.manual_seed(config.seed)
     model = ColorDiffusion(config).to(device, memory_format=torch.channels_last)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay)
-    step = 0
-    if init:
+    if init_ckpt is not None:
         weights = add_inputs({k: v.float() for k, v in init_ckpt.get("ema", init_ckpt.get("model")).items()}, model)
         missing, unexpected = model.load_state_dict(weights, strict=False)
         if unexpected or any(not k.startswith("unet.guidance_mlp.") for k in missing):
@@ -182,11 +173,41 @@ def main(argv=None):
             config.sampler, config.sample_steps, config.sample_eta = "ddim", config.distil_steps, 0.0
             config.sample_min_signal, config.guidance = teacher.config.sample_min_signal, teacher.config.guidance
             config.sample_size = teacher.config.sample_size
+    step = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
+    return model, ema, opt, teacher, step
+
+
+def main(argv=None):
+    resume, init, export, given = parse_args(argv)
+    out_dir = given.get("out_dir", Config.out_dir)
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    if export:
+        given.pop("out_dir", None)
+        export_inference_checkpoint(ckpt_path, export, **given)
+        print(f"exported the EMA weights of {ckpt_path} to {export} ({os.path.getsize(export) / 2**20:.1f} MB)")
+        return
+    distributed = "RANK" in os.environ
+    rank, world, local_rank = 0, 1, 0
+    if distributed:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    config, ckpt, init_ckpt = run_config(resume, init, given, ckpt_path)
+    if config.batch_size % world:
+        raise ValueError(f"--batch-size {config.batch_size} is not divisible by {world} processes")
+    device, amp = setup_device(config, distributed, local_rank)
+    train_ds, val_ds = load_data(config, rank, distributed)
+    if ckpt is None and not config.teacher:  # the colour sampling starts from (ColorDiffusion.sample): the mix's
+        config.ab_mean = tuple(round(v, 5) for v in mix_mean_ab(train_ds).tolist())
+    local_batch = config.batch_size // world
+    steps_per_epoch = len(train_ds) // world // local_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_ds)} training images are fewer than one batch of {config.batch_size}")
+    model, ema, opt, teacher, step = build(config, device, ckpt, init, init_ckpt)
     net = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) \
         if distributed else model
 
@@ -198,7 +219,7 @@ def main(argv=None):
         os.makedirs(out_dir, exist_ok=True)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"{len(train_ds)} training / {len(val_ds)} validation images, {n_params / 1e6:.1f}M parameters, "
-              f"{world} process(es) on {device.type}, bf16 {'on' if use_amp else 'off'}, "
+              f"{world} process(es) on {device.type}, bf16 {'on' if isinstance(amp, torch.autocast) else 'off'}, "
               f"{'resuming at' if step else 'starting at'} step {step}", flush=True)
     # Ctrl-C, and the SIGTERM of a cluster's time limit or `kill`, save a checkpoint before exiting
     signal.signal(signal.SIGINT, signal.default_int_handler)  # background jobs start with SIGINT ignored

@@ -39,50 +39,88 @@ def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     return torch.cat([L / 50 - 1, a / AB_NORM, b / AB_NORM], dim=1)
 
 
+def lightness(rgb: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) RGB in [0, 1] -> normalized L (N, 1, H, W): rgb_to_lab's first channel alone, a third of its
+    work (a photo's full-resolution L is all inference needs of it)."""
+    rgb = rgb.float().clamp(0, 1)
+    lin = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+    y = torch.einsum("j,njhw->nhw", _RGB2XYZ[1].to(rgb.device), lin)[:, None]
+    f = torch.where(y > 0.008856, y.clamp(min=1e-12) ** (1 / 3), 7.787 * y + 16 / 116)
+    return (116 * f - 16) / 50 - 1
+
+
+# the L of each 8-bit grey level (R = G = B), for greyscale photos: a table lookup instead of arithmetic
+GREY_LIGHTNESS = lightness(torch.linspace(0, 1, 256).view(1, 1, 1, 256).expand(1, 3, 1, 256))[0, 0, 0].numpy()
+
+
 def _lab_to_xyz(lab: torch.Tensor) -> torch.Tensor:
     """Normalized LAB -> XYZ relative to the white point (not yet scaled by it), unclipped."""
     lab = lab.float()
     L = (lab[:, 0:1] + 1) * 50
     fy = (L + 16) / 116
     f = torch.cat([fy + lab[:, 1:2] * AB_NORM / 500, fy, fy - lab[:, 2:3] * AB_NORM / 200], dim=1)
-    return torch.where(f > 0.2068966, f ** 3, (f - 16 / 116) / 7.787)
+    return torch.where(f > 0.2068966, f * f * f, (f - 16 / 116) / 7.787)
+
+
+def _colour_matrix(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A 3x3 matrix applied to each pixel of (N, 3, H, W): one matrix product."""
+    return (m.to(x.device) @ x.flatten(2)).view_as(x)
+
+
+def _encode(lin: torch.Tensor) -> torch.Tensor:
+    """Linear sRGB -> RGB in [0, 1] (sRGB's transfer curve), clipped."""
+    lin = lin.clamp(min=0)
+    return torch.where(lin > 0.0031308, 1.055 * lin ** (1 / 2.4) - 0.055, 12.92 * lin).clamp(0, 1)
 
 
 def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
     """Normalized LAB (N, 3, H, W) -> RGB in [0, 1] (out-of-gamut colours are clipped)."""
-    xyz = _lab_to_xyz(lab).clamp(min=0) * _WHITE.to(lab.device).view(1, 3, 1, 1)
-    lin = torch.einsum("ij,njhw->nihw", _XYZ2RGB.to(lab.device), xyz)
-    lin = lin.clamp(min=0)
-    rgb = torch.where(lin > 0.0031308, 1.055 * lin ** (1 / 2.4) - 0.055, 12.92 * lin)
-    return rgb.clamp(0, 1)
+    return _encode(_colour_matrix(_XYZ2RGB * _WHITE, _lab_to_xyz(lab).clamp(min=0)))
 
 
 def _lab_to_linear(lab: torch.Tensor) -> torch.Tensor:
     """Normalized LAB -> linear sRGB, unclipped: a channel outside [0, 1] means out of gamut."""
-    xyz = _lab_to_xyz(lab) * _WHITE.to(lab.device).view(1, 3, 1, 1)
-    return torch.einsum("ij,njhw->nihw", _XYZ2RGB.to(lab.device), xyz)
+    return _colour_matrix(_XYZ2RGB * _WHITE, _lab_to_xyz(lab))
+
+
+def _gamut_fit(lab: torch.Tensor, iters: int, tol: float):
+    """(fit_to_gamut(lab), its linear sRGB)."""
+    lab = lab.float()
+    lin = _lab_to_linear(lab)
+    bad = ((lin < -tol) | (lin > 1 + tol)).any(dim=1)  # (N, H, W)
+    if not bad.any():
+        return lab, lin
+    lab, lin = lab.permute(0, 2, 3, 1).clone(), lin.permute(0, 2, 3, 1).clone()  # (N, H, W, 3): index the bad
+    pix = lab[bad]  # (P, 3)
+    lo, hi = torch.zeros(len(pix), device=lab.device), torch.ones(len(pix), device=lab.device)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        trial = torch.cat([pix[:, :1], pix[:, 1:] * mid[:, None]], dim=1).T[None, :, :, None]  # (1, 3, P, 1)
+        fits = _lab_to_linear(trial)[0, :, :, 0]
+        ok = ((fits >= -tol) & (fits <= 1 + tol)).all(dim=0)
+        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
+    fitted = torch.cat([pix[:, :1], pix[:, 1:] * lo[:, None]], dim=1)
+    lab[bad] = fitted
+    lin[bad] = _lab_to_linear(fitted.T[None, :, :, None])[0, :, :, 0].T
+    return lab.permute(0, 3, 1, 2), lin.permute(0, 3, 1, 2)
 
 
 def fit_to_gamut(lab: torch.Tensor, iters: int = 12, tol: float = 1e-5) -> torch.Tensor:
     """Normalized LAB (N, 3, H, W) -> the same with each out-of-sRGB-gamut pixel's chroma scaled down
     (bisection, to 1/2**iters) until it fits, keeping its L and hue. lab_to_rgb's per-channel clipping would
     change the lightness of such pixels instead. Every L in [0, 100] fits at zero chroma."""
-    lab = lab.float()
-    lin = _lab_to_linear(lab)
-    bad = ((lin < -tol) | (lin > 1 + tol)).any(dim=1)  # (N, H, W)
-    if not bad.any():
-        return lab
-    lab = lab.permute(0, 2, 3, 1).clone()  # (N, H, W, 3): index the bad pixels
-    pix = lab[bad]  # (P, 3)
-    lo, hi = torch.zeros(len(pix), device=lab.device), torch.ones(len(pix), device=lab.device)
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        trial = torch.cat([pix[:, :1], pix[:, 1:] * mid[:, None]], dim=1).T[None, :, :, None]  # (1, 3, P, 1)
-        lin = _lab_to_linear(trial)[0, :, :, 0]
-        ok = ((lin >= -tol) & (lin <= 1 + tol)).all(dim=0)
-        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
-    lab[bad] = torch.cat([pix[:, :1], pix[:, 1:] * lo[:, None]], dim=1)
-    return lab.permute(0, 3, 1, 2)
+    return _gamut_fit(lab, iters, tol)[0]
+
+
+# sRGB's curve as a table from linear light (16 bits: within 0.05 of a level) to 8-bit: no power per pixel
+_SRGB8 = (_encode(torch.linspace(0, 1, 65536)) * 255).round().byte()
+
+
+def lab_to_rgb8(lab: torch.Tensor) -> torch.Tensor:
+    """Normalized LAB (N, 3, H, W) -> 8-bit RGB (N, 3, H, W) uint8 of fit_to_gamut(lab), each pixel converted
+    once: a full-resolution photo's output."""
+    lin = _gamut_fit(lab, 12, 1e-5)[1]
+    return _SRGB8[(lin.clamp(0, 1) * 65535).round().long()]
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
@@ -179,6 +217,23 @@ def bf16_is_fast(device: torch.device) -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def folder_weight(spec: str):
+    """"photos:0.4" -> ("photos", 0.4); a folder without a weight weighs 1 (the suffix counts only if it is a
+    number, so a path with a colon in it stays whole)."""
+    path, _, weight = spec.rpartition(":")
+    try:
+        return (path, float(weight)) if path else (spec, 1.0)
+    except ValueError:
+        return spec, 1.0
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's, except that a bad flag is one line, like every other error here, not usage + error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def comma_separated(kind):

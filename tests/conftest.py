@@ -118,6 +118,18 @@ def train_args(data, cache, out, **flags):
     return args
 
 
+def open_image(path) -> Image.Image:
+    """Image.open, read whole and its file closed (a lazily read file left open is a ResourceWarning)."""
+    with Image.open(path) as img:
+        img.load()
+    return img
+
+
+def seeded_sample(m, L, seed, **kwargs):
+    """m.sample(L) with a generator of this seed: the same call, the same colours."""
+    return m.sample(L, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
 def assert_state_equal(a, b, path="state"):
     """Recursive exact comparison of checkpoint pieces (tensors with torch.equal)."""
     assert type(a) is type(b), path

@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from browser import (CHROMIUM, add_hint, colorize_and_wait, launch_chromium, open_app, running_app,  # noqa: E402
                      sample_urls, set_samples, wait_for_new_samples)
+from conftest import open_image  # noqa: E402
 
 W, H = 120, 90  # not square: the result must keep the input's exact size
 
@@ -155,8 +156,29 @@ def test_two_users_at_once_both_get_their_results(browser, url, files):
     check_result(second, colorize_and_wait(second), n=3)
     result = fetch_image(first, wait_for_new_samples(first, old)[0])
     example = sorted(f for f in os.listdir(os.path.join(ROOT, "examples")) if f.endswith(".jpg"))[0]
-    assert result.size == Image.open(os.path.join(ROOT, "examples", example)).size
+    assert result.size == open_image(os.path.join(ROOT, "examples", example)).size
     assert chroma(result) > 1.0
+
+
+def test_the_endpoint_refuses_what_the_sliders_would_not_send(url, files):
+    """A client calling /run directly (gradio_client, curl) is bounded as the page's sliders are: NaN, 500
+    samples, 100000 steps or a start of 5.0 are an error in a second, not a server held for minutes. (JSON has
+    no NaN: such a client sends it as text.)"""
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+    client = Client(url, verbose=False)
+    photo = handle_file(str(files / "grey.png"))
+    ok = dict(sampler="ddim", steps=2, start=0.04, guidance=1.5, guidance_first=0, num_samples=1, seed=0,
+              random_seed=False, dynamic_thresholding=False)
+    names = list(ok)
+    for bad, message in ((dict(num_samples=500), "Number of samples"), (dict(steps=100000), "Sampling steps"),
+                         (dict(start=5.0), "Sampling start"), (dict(guidance="nan"), "Guidance"),
+                         (dict(guidance_first="inf"), "Guidance at the first step"), (dict(guidance=-1), "Guidance"),
+                         (dict(sampler="nonsense"), "Sampler")):
+        with pytest.raises(AppError, match=message):
+            client.predict(photo, *[{**ok, **bad}[k] for k in names], api_name="/run")
+    comparison, samples, seed = client.predict(photo, *ok.values(), api_name="/run")
+    assert len(samples) == 1 and seed == 0
 
 
 @pytest.mark.parametrize("checkpoint", ["missing.pt", "not_an_image.png"])

@@ -20,7 +20,7 @@ def test_build_cache_keeps_whole_photos_larger_than_the_training_size(photo_dir,
     # the whole photo, aspect kept (40x48 -> 32x38), as RGB bytes
     assert all(x.dtype == torch.uint8 and x.shape == (3, round(IMAGE_H * short / IMAGE_W), short) for x in images)
     ref = utils.load_image(photo_dir / names[3]).resize((short, images[3].shape[1]), Image.BICUBIC)
-    assert (images[3].permute(1, 2, 0).int() - torch.from_numpy(np.asarray(ref)).int()).abs().float().mean() < 2
+    assert (images[3].permute(1, 2, 0).int() - torch.from_numpy(np.array(ref)).int()).abs().float().mean() < 2
     monkeypatch.setattr(dataset, "Pool", None)  # a second call reads the cache file instead of decoding again
     images2, names2 = dataset.build_cache(str(photo_dir), 16, str(tmp_path), workers=1)
     assert names == names2 and all(torch.equal(a, b) for a, b in zip(images, images2))
@@ -121,7 +121,7 @@ def test_greyscales_are_made_in_several_ways():
     g = torch.Generator().manual_seed(0)
     rgb = torch.rand(3, 16, 16, generator=g)
     lab_L = utils.rgb_to_lab(rgb[None])[0, :1]
-    pil = torch.from_numpy(np.asarray(Image.fromarray((rgb.permute(1, 2, 0) * 255).round().byte().numpy())
+    pil = torch.from_numpy(np.array(Image.fromarray((rgb.permute(1, 2, 0) * 255).round().byte().numpy())
                                       .convert("L"), dtype=np.float32) / 255)
     greys = [dataset.random_greyscale(rgb, g) for _ in range(200)]
     assert all(x.shape == (1, 16, 16) and x.min() >= 0 and x.max() <= 1 for x in greys)
@@ -153,3 +153,64 @@ def test_mean_ab_is_the_mean_colour(shared_cache, photo_dir):
     images, _ = dataset.build_cache(str(photo_dir), 16, str(shared_cache))
     expected = torch.stack([utils.rgb_to_lab(x[None].float() / 255)[0, 1:].mean(dim=(1, 2)) for x in images]).mean(0)
     assert torch.allclose(dataset.mean_ab(images), expected, atol=1e-6) and expected.abs().max() > 0.01
+
+
+def test_scene_crops_stay_inside_the_photo_and_level():
+    """A scene is cropped as it is: on a top-to-bottom ramp (a sky over ground) every crop runs the same way,
+    within the photo's range (no reflect padding mirrors it), and level (each row one value)."""
+    ramp = torch.linspace(0, 255, 120).round().to(torch.uint8)[:, None].expand(3, 120, 160).contiguous()
+    for seed in range(40):
+        crop = dataset.random_crop(ramp, 48, 64, torch.Generator().manual_seed(seed), (0.3, 1.0), scene=True)
+        column = crop[0, :, 32].float()
+        assert crop.shape == (3, 48, 64) and (column.diff() >= -1).all(), seed  # the sky stays on top
+        assert (crop[0].float() - column[:, None]).abs().max() <= 1, seed  # level: no rotation
+    # portraits may still be rotated and zoomed out into mirrored padding: some crops are not monotonic
+    face_crops = [dataset.random_crop(ramp, 48, 64, torch.Generator().manual_seed(s)) for s in range(40)]
+    assert any((c[0, :, 32].float().diff() < -1).any() for c in face_crops)
+
+
+def test_mix_order_gives_each_folder_its_weight_s_share():
+    parts = [(100, 1.0, False), (30, 1.0, True), (20, 2.0, True)]
+    order = dataset.mix_order(parts, seed=0, epoch=0)
+    assert len(order) == 150 and order == dataset.mix_order(parts, seed=0, epoch=0)
+    counts = [sum(lo <= i < hi for i in order) for lo, hi in ((0, 100), (100, 130), (130, 150))]
+    assert counts == [38, 38, 74]  # 1:1:2 of 150
+    assert len(set(i for i in order if i < 100)) == 38  # the large folder: distinct photos, taking turns
+    assert set(i for i in order if 100 <= i < 130) == set(range(100, 130))  # the small one: all, some twice
+    assert order != dataset.mix_order(parts, seed=0, epoch=1)
+
+
+def test_load_split_mixes_portraits_and_scenes(shared_cache, photo_dir, tmp_path):
+    scenes = tmp_path / "scenes"
+    scenes.mkdir()
+    rng = np.random.default_rng(5)
+    from conftest import synthetic_photo
+    for i in range(8):
+        synthetic_photo(rng, 48, 32).save(scenes / f"scene_{i}.png")
+    folders = [(str(photo_dir), 1.0, False), (str(scenes), 3.0, True)]
+    train_ds, val_ds = dataset.load_split(folders, 16, 25.0, str(shared_cache))
+    n_faces = sum(not dataset.is_validation(f"img_{i:03d}.jpg", 25.0) for i in range(N_IMAGES))
+    n_scenes = sum(not dataset.is_validation(f"scene_{i}.png", 25.0) for i in range(8))
+    assert train_ds.parts == [(n_faces, 1.0, False), (n_scenes, 3.0, True)]
+    assert len(train_ds) == n_faces + n_scenes and sum(train_ds.scene) == n_scenes
+    train_ds.set_epoch(1)
+    shown = [train_ds.scene[j] for j in train_ds.order]
+    assert abs(sum(shown) - 0.75 * len(shown)) <= 1  # scenes weigh 3 to the portraits' 1
+    assert all(train_ds[(i, 16, 24)].shape == (3, 16, 24) for i in range(len(train_ds)))
+    # the colour sampling starts from: each folder's mean at its share
+    faces, rest = train_ds.images[:n_faces], train_ds.images[n_faces:]
+    expected = 0.25 * dataset.mean_ab(faces) + 0.75 * dataset.mean_ab(rest)
+    assert torch.allclose(dataset.mix_mean_ab(train_ds), expected, atol=1e-6)
+
+
+def test_data_flags_take_folders_with_weights():
+    args = train.parse_args(["--data", "celeba,more:0.5", "--scene-data", "scenes:0.4"])[3]
+    c = Config.from_dict(args)
+    assert c.data == ("celeba", "more:0.5") and c.scene_data == ("scenes:0.4",)
+    assert [utils.folder_weight(f) for f in c.data + c.scene_data] == [("celeba", 1.0), ("more", 0.5),
+                                                                      ("scenes", 0.4)]
+    assert utils.folder_weight("C:/photos") == ("C:/photos", 1.0)  # not a number: part of the path
+    assert Config.from_dict({"data": "img_align_celeba"}).data == ("img_align_celeba",)  # older checkpoints
+    for bad in ("scenes:0", "scenes:-1", "scenes:nan", "scenes:inf"):
+        with pytest.raises(ValueError, match="weight"):
+            Config(scene_data=(bad,))

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 import evaluate
+from conftest import open_image
 
 
 def test_metrics_on_known_images():
@@ -68,14 +69,34 @@ def test_evaluate_writes_table_and_grid_for_several_checkpoints(tiny_checkpoint,
     # the face / rest split: both parts of a whole photo, the face alone in a tight crop
     splits = [line.rstrip(" |").split(" | ")[-1] for line in table.splitlines() if ".pt: " in line]
     assert all(len(s.split(" / ")) == 2 for s in splits)
-    whole, tight = splits[0].split(" / "), splits[1].split(" / ")
+    whole, tight = splits[0].split(" / "), splits[2].split(" / ")  # grouped by view: a, b whole; a, b tight
     assert "–" not in whole and tight[0] != "–" and tight[1] == "–"
-    grid = Image.open(out / "grid.png")
+    grid = open_image(out / "grid.png")
     assert grid.height > 2 * 2 * 3 * 90  # greyscale | ours | truth for each view and checkpoint
     for bad in (["--views", "sideways"], ["--guidance", "-1"], ["--num-images", "0"]):
         with pytest.raises(SystemExit) as e:
             evaluate.main(paths + ["--data", str(photo_dir)] + bad)
         assert e.value.code == 2
+
+
+def test_scenes_are_reported_beside_portraits_with_views_of_their_own(tiny_checkpoint, photo_dir, tmp_path):
+    photo = Image.new("RGB", (160, 120), (90, 140, 200))
+    sizes = {name: evaluate.view(photo, name, 0).size for name in evaluate.SCENE_VIEWS}
+    assert sizes == {"whole": (160, 120), "centre": (80, 60), "portrait": (90, 120), "landscape": (160, 96)}
+    scenes = tmp_path / "scenes"
+    scenes.mkdir()
+    for i in range(3):
+        Image.new("RGB", (48, 32), (40 * i, 120, 200)).save(scenes / f"s{i}.png")
+    out = tmp_path / "eval"
+    evaluate.main(["--checkpoint", tiny_checkpoint(), "--data", str(photo_dir), "--scene-data", str(scenes),
+                   "--num-images", "3", "--steps", "2", "--views", "whole,tight,centre", "--out", str(out)])
+    table = (out / "eval.md").read_text()
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if "tiny.pt: " in line}
+    # each folder with its own views, its greyscale input beside it; the face split for portraits only
+    assert list(rows) == [f"{photo_dir.name}: whole", f"{photo_dir.name}: tight", "scenes: whole", "scenes: centre"]
+    assert table.count("greyscale input") == 4 and table.startswith(f"3 photos of {photo_dir.name} and 3 photos "
+                                                                     "of scenes")
+    assert rows["scenes: whole"].rstrip(" |").endswith("– / –") and "– / –" not in rows[f"{photo_dir.name}: whole"]
 
 
 def test_offset_chooses_other_photos(photo_dir):
@@ -86,7 +107,7 @@ def test_offset_chooses_other_photos(photo_dir):
 
 def test_hints_mode_simulates_clicks_and_reports_the_error_there(tiny_checkpoint, photo_dir, tmp_path):
     shutil.copy(tiny_checkpoint(hints=True), tmp_path / "h.pt")
-    photo = Image.open(next(photo_dir.iterdir())).convert("RGB")
+    photo = open_image(next(photo_dir.iterdir())).convert("RGB")
     hint = np.asarray(evaluate.simulated_hints(photo, 3, np.random.default_rng(0), size=4))
     assert hint.shape == (*photo.size[::-1], 4) and 16 <= (hint[..., 3] > 0).sum() <= 48
     out = tmp_path / "eval"
@@ -98,3 +119,14 @@ def test_hints_mode_simulates_clicks_and_reports_the_error_there(tiny_checkpoint
     assert all(float(r[5].rstrip(" |")) > 0 for r in rows)  # two samples differ away from the hints
     import xml.etree.ElementTree as ET
     assert ET.parse(out / "hints.svg").getroot().tag.endswith("svg")
+
+
+def test_bad_numbers_and_missing_photos_are_one_line_errors(photo_dir, capsys):
+    for args, message in ((["--data", str(photo_dir), "--guidance", "nan"], "--guidance must be"),
+                          (["--data", str(photo_dir), "--eta", "inf"], "--eta must be"),
+                          (["--data", str(photo_dir), "--views", "tight,sky"], "--views"),
+                          ([], "--data (portraits), --scene-data (scenes)")):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1 and message in err, args

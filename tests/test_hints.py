@@ -5,8 +5,9 @@ import torch
 from PIL import Image
 
 import inference
-from conftest import TINY_MODEL
-from model import ColorDiffusion, Config, spread_hints
+import train
+from conftest import TINY_MODEL, open_image, seeded_sample
+from model import ColorDiffusion, Config, random_hints, spread_hints
 from utils import ImageError, rgb_to_lab
 
 HINTED = Config(**TINY_MODEL, hints=True)
@@ -64,14 +65,14 @@ def test_hinted_pixels_take_the_hinted_colour(tmp_path, ckpts, capsys):
     args = ["--image-path", str(tmp_path / "g.png"), "--steps", "3", "--seed", "0"]
     assert inference.main(args + ["--hints", str(tmp_path / "h.png"), "--output", str(tmp_path / "o.png"),
                                   "--checkpoint", ckpts["hinted"]]) == 0
-    out = np.asarray(Image.open(tmp_path / "o.png").convert("RGB"))
+    out = np.asarray(open_image(tmp_path / "o.png").convert("RGB"))
     for x, y in [(5, 5), (14, 9)]:  # the hint's colour (ab) at the photo's own lightness
         assert (ab_of(out[y, x]) - ab_of(COLOUR)).abs().max() * 110 < 2, out[y, x]
     assert (ab_of(out[0, 0]) - ab_of(COLOUR)).abs().max() * 110 > 2  # a random model: elsewhere, other colours
     # a model without hint inputs takes them too: pinned and spread by the sampler
     assert inference.main(args + ["--hints", str(tmp_path / "h.png"), "--output", str(tmp_path / "p.png"),
                                   "--checkpoint", ckpts["plain"]]) == 0
-    out = np.asarray(Image.open(tmp_path / "p.png").convert("RGB"))
+    out = np.asarray(open_image(tmp_path / "p.png").convert("RGB"))
     assert all((ab_of(out[y, x]) - ab_of(COLOUR)).abs().max() * 110 < 2 for x, y in [(5, 5), (14, 9)])
     code = inference.main(["--image-path", str(tmp_path), "--hints", str(tmp_path / "h.png"),
                            "--checkpoint", ckpts["hinted"]])
@@ -107,3 +108,48 @@ def test_a_hint_spreads_over_its_region_and_stops_at_edges():
     near, edge, far = out[0, 0, 16, 24].item(), out[0, 0, 16, 15].item(), out[0, 0, 0, 31].item()
     assert near > 0.35 and far < near / 2 and abs(edge) < 0.01
     assert torch.equal(spread_hints(x0, L, ab, torch.zeros_like(mask)), x0)  # no hints: nothing moves
+
+
+# ---------------------------------------------------------------------------------------------------------
+# hints inside the model
+
+def test_hint_inputs_start_at_zero_and_then_steer_the_prediction(tiny_config):
+    """A model given hint inputs by --init computes exactly what it did (zero-initialised channels); once those
+    weights move, hints change its prediction, and random_hints shows true colours under a mask."""
+    torch.manual_seed(0)
+    old = ColorDiffusion(tiny_config).eval()
+    hinted = ColorDiffusion(Config(**{**tiny_config.to_dict(), "hints": True})).eval()
+    hinted.load_state_dict(train.add_inputs(dict(old.state_dict()), hinted))
+    L, x = torch.rand(2, 1, 16, 16) * 2 - 1, torch.randn(2, 2, 16, 16)
+    ab = torch.rand(2, 2, 16, 16) - 0.5
+    torch.manual_seed(1)
+    hints = random_hints(ab, p_none=0)
+    mask = hints[:, 2:] > 0
+    assert mask.any() and ((hints[:, :2] - ab).abs() * mask).max() < 1.0  # patch means of the truth
+    assert (hints[:, :2] * ~mask).abs().max() == 0
+
+    def eps(m, *extra):  # the UNet's prediction at t = 10 from the inputs training gives it: L, x_t[, hints]
+        return m.unet(torch.cat([L, x, *extra], 1), torch.full((2,), 10), m.encoder(L))
+
+    with torch.no_grad():
+        assert torch.equal(eps(hinted, hints), eps(old))
+        assert torch.equal(hinted.denoiser(L)(x, 10), old.denoiser(L)(x, 10))  # sampling: zero hint inputs
+        hinted.unet.init_conv.weight.add_(0.1)
+        assert not torch.allclose(eps(hinted, hints), eps(hinted, torch.zeros_like(hints)))
+
+
+def test_sampling_pins_and_spreads_hints_without_the_trained_hint_inputs(tiny_config):
+    """sample() moves x0 to the hints itself and leaves the UNet's hint inputs at zero (at a few steps they
+    pulled the rest of a hinted region away from its hint): what those inputs' weights are does not matter."""
+    torch.manual_seed(0)
+    m = ColorDiffusion(Config(**{**tiny_config.to_dict(), "hints": True})).eval()
+    L = torch.rand(1, 1, 16, 16) * 2 - 1
+    torch.manual_seed(1)
+    hints = random_hints(torch.rand(1, 2, 16, 16) - 0.5, p_none=0)
+    hinted = seeded_sample(m, L, 0, steps=3, hints=hints)
+    mask = (hints[:, 2:] > 0).expand(-1, 2, -1, -1)
+    assert torch.allclose(hinted[mask], hints[:, :2][mask], atol=1e-5)
+    assert not torch.allclose(hinted, seeded_sample(m, L, 0, steps=3))
+    with torch.no_grad():
+        m.unet.init_conv.weight[:, 3:].add_(0.5)  # the hint channels: L, x_t (2), then hints (3)
+    assert torch.equal(seeded_sample(m, L, 0, steps=3, hints=hints), hinted)

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import inference
+import runtime
 from conftest import ROOT
 from model import load_checkpoint, load_model, save_checkpoint
 
@@ -28,9 +29,9 @@ def tiny(request, tiny_checkpoint, tmp_path_factory):
     return load_model(path), path
 
 
-def test_openvino_unet_matches_torch(tiny, monkeypatch):
+def test_openvino_matches_torch(tiny, monkeypatch):
     model, path = tiny
-    ov = inference.OpenVINOUNet(model, path)
+    ov = runtime.OpenVINORuntime(model)
     g = torch.Generator().manual_seed(1)
     for shape in [(1, 16, 16), (4, 24, 16)]:  # batch and shape change: compiled again for each
         L = torch.rand(shape[0], 1, *shape[1:], generator=g) * 2 - 1
@@ -40,18 +41,21 @@ def test_openvino_unet_matches_torch(tiny, monkeypatch):
         with torch.no_grad():
             feats = model.encoder(L)
             ref = model.unet(x, t, feats, w)
-        out = ov(x, t, feats, w)
+        ov_feats = ov.encoder(L)  # the encoder runs in OpenVINO too
+        assert [f.shape for f in ov_feats] == [f.shape for f in feats]
+        assert all((a - b).abs().max() < 0.05 * b.abs().max() + 1e-3 for a, b in zip(ov_feats, feats))
+        out = ov.unet(x, t, feats, w)
         assert out.shape == ref.shape and out.dtype == torch.float32
         # bf16 inference where the CPU has it: about 2-3 significant digits
         assert (out - ref).abs().max() < 0.05 * ref.abs().max() + 1e-3
         if w is not None:  # and the scale matters
-            assert (ov(x, t, feats, w + 1) - out).abs().max() > 0.1 * ref.abs().max()
-    assert len(ov.requests) == 2
-    # a second instance reads the converted network from the cache instead of converting again
+            assert (ov.unet(x, t, feats, w + 1) - out).abs().max() > 0.1 * ref.abs().max()
+    assert len(ov._unet.requests) == len(ov._encoder.requests) == 2
+    # a second instance, of the same weights loaded again, reads the converted networks from the cache
     import openvino
     monkeypatch.setattr(openvino, "convert_model", None)
-    again = inference.OpenVINOUNet(model, path)
-    assert torch.equal(again(x, t, feats, w), out)
+    again = runtime.OpenVINORuntime(load_model(path))
+    assert torch.equal(again.unet(x, t, feats, w), out)
 
 
 def test_openvino_tells_neighbouring_timesteps_apart(tiny):
@@ -59,7 +63,7 @@ def test_openvino_tells_neighbouring_timesteps_apart(tiny):
     as 348 (and sin(349 * freq) far off), which made colours bolder. OpenVINO must step from t to t + 1 as
     PyTorch does."""
     model, path = tiny
-    ov = inference.OpenVINOUNet(model, path)
+    ov = runtime.OpenVINORuntime(model)
     g = torch.Generator().manual_seed(2)
     L = torch.rand(1, 1, 16, 16, generator=g) * 2 - 1
     x = torch.cat([L, torch.randn(1, 5, 16, 16, generator=g)], 1)
@@ -67,7 +71,7 @@ def test_openvino_tells_neighbouring_timesteps_apart(tiny):
     with torch.no_grad():
         feats = model.encoder(L)
         ref = [model.unet(x, torch.tensor([t]), feats, w) for t in range(340, 351)]
-    out = [ov(x, torch.tensor([t]), feats, w) for t in range(340, 351)]
+    out = [ov.unet(x, torch.tensor([t]), feats, w) for t in range(340, 351)]
     for t, (r0, r1, o0, o1) in enumerate(zip(ref, ref[1:], out, out[1:]), 340):
         assert (o1 - o0).abs().mean() > 0.5 * (r1 - r0).abs().mean(), t
 
@@ -77,8 +81,8 @@ def test_colorize_through_openvino_matches_torch(tiny, interval):
     model, path = tiny
     img = Image.fromarray(np.tile(np.linspace(0, 255, 24, dtype=np.uint8), (20, 1)))
     kw = dict(seed=0, sampler="dpm++2m", steps=4, amp=False, guidance_interval=interval)
-    ours = np.asarray(inference.colorize(model, img, unet=inference.fast_unet(model, path), **kw)[0], dtype=float)
-    ref = np.asarray(inference.colorize(model, img, **kw)[0], dtype=float)
+    ours = np.asarray(inference.colorize(model, img, **kw)[0], dtype=float)  # OpenVINO, without being told
+    ref = np.asarray(inference.colorize(model, img, runtime=model, **kw)[0], dtype=float)
     assert np.abs(ours - ref).mean() < 3  # levels of 255
 
 
@@ -91,12 +95,13 @@ def test_without_openvino_torch_runs_and_says_so(tiny, monkeypatch, capsys):
             raise ImportError(name)
         return real_import(name, *args, **kwargs)
     monkeypatch.setattr(builtins, "__import__", no_openvino)
-    assert inference.fast_unet(model, path) is None
+    model = load_model(path)  # a fresh one: fast_runtime remembers each model's runtime
+    assert runtime.fast_runtime(model) is model
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "OpenVINO is not installed" in err[0]
     with pytest.raises(ValueError, match="not installed"):
-        inference.fast_unet(model, path, "openvino")
-    assert inference.fast_unet(model, path, "torch") is None
+        runtime.fast_runtime(load_model(path), "openvino")
+    assert runtime.fast_runtime(model, "torch") is model
 
 
 def test_the_command_line_imports_only_what_it_uses():

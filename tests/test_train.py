@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import dataset
 import model as model_module
@@ -121,6 +122,24 @@ def test_bad_data_folder_is_a_one_line_error(tmp_path):
     assert not os.path.exists(tmp_path / "cache")
 
 
+def test_numbers_that_are_not_numbers_are_refused(tmp_path, photo_dir, shared_cache):
+    """NaN passes every comparison, so each float of the config is checked finite; absurd sizes are refused."""
+    for bad in (dict(lr=float("nan")), dict(ema_decay=float("nan")), dict(guidance=float("inf")),
+                dict(crop_area=(0.3, float("nan"))), dict(sample_size=100000), dict(image_size=4096),
+                dict(sample_eta=float("nan")), dict(sample_steps=100000)):
+        with pytest.raises(ValueError, match="config: " + next(iter(bad))):
+            Config(**bad)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *train_args(photo_dir, shared_cache,
+                        tmp_path / "run"), "--lr", "nan"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0 and r.stderr.strip() == "error: config: lr must be a finite number, not nan", r.stderr
+    assert not (tmp_path / "run").exists()
+    train.main(train_args(photo_dir, shared_cache, tmp_path / "ok", max_steps=1))
+    with pytest.raises(ValueError, match="guidance must be"):  # an export's sampling settings too
+        train.main(["--out-dir", str(tmp_path / "ok"), "--export", str(tmp_path / "x.pt"), "--guidance", "nan"])
+    assert not (tmp_path / "x.pt").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # download_dataset.sh, offline: a PATH with only the tools it needs, and a fake gdown where one is wanted
 
@@ -128,27 +147,29 @@ SCRIPT = os.path.join(ROOT, "download_dataset.sh")
 TOOLS = ("find", "wc", "tr", "ls", "dirname", "mkdir", "mktemp", "rm", "rmdir", "mv", "sed", "cp", "cat")
 
 
-def _run_download(tmp_path, gdown=None, unzip=True):
+def _run_download(tmp_path, gdown=None, unzip=True, curl=None, args=()):
     import shutil
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    for tool in TOOLS + (("unzip",) if unzip else ()):
+    for tool in TOOLS + (("unzip",) if unzip else ()) + (("tar", "gzip") if curl else ()):
         if not (bin_dir / tool).exists():
             os.symlink(shutil.which(tool), bin_dir / tool)
-    if gdown is not None:  # the body of a fake gdown; "$out" is the -O path
-        fake = bin_dir / "gdown"
-        fake.write_text('#!/bin/bash\nout=""\nwhile [ $# -gt 0 ]; do [ "$1" = -O ] && out="$2"; shift; done\n'
-                        f'echo called >> "{tmp_path}/gdown_calls"\n{gdown}\n')
-        fake.chmod(0o755)
+    # the body of a fake gdown or curl; "$out" is the -O / -o path
+    for name, body in (("gdown", gdown), ("curl", curl)):
+        if body is not None:
+            fake = bin_dir / name
+            fake.write_text('#!/bin/bash\nout=""\nwhile [ $# -gt 0 ]; do case "$1" in -O|-o) out="$2";; esac; '
+                            f'shift; done\necho called >> "{tmp_path}/{name}_calls"\n{body}\n')
+            fake.chmod(0o755)
     work = tmp_path / "work"
     work.mkdir(exist_ok=True)
-    r = subprocess.run(["/bin/bash", SCRIPT], capture_output=True, text=True, cwd=work,
+    r = subprocess.run(["/bin/bash", SCRIPT, *args], capture_output=True, text=True, cwd=work,
                        env={"PATH": str(bin_dir), "HOME": str(tmp_path)}, timeout=60)
-    return r, work / "img_align_celeba"
+    return r, work / ("imagenette" if args else "img_align_celeba")
 
 
 def _leftovers(work):
-    return [p for p in os.listdir(work) if p.startswith(".celeba_download")]
+    return [p for p in os.listdir(work) if p.startswith((".celeba_download", ".imagenette_download"))]
 
 
 
@@ -202,6 +223,30 @@ def test_download_script_unzips_into_the_folder(tmp_path):
     assert (tmp_path / "gdown_calls").read_text().count("called") == 1
 
 
+def test_download_script_fetches_scenes_into_one_flat_folder(tmp_path):
+    """--scenes: Imagenette's archive (class folders of train/ and val/), its training photos in one folder."""
+    import tarfile
+    archive = tmp_path / "imagenette.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for split, cls, i in (("train", "n01", 1), ("train", "n01", 2), ("train", "n02", 3), ("val", "n01", 4)):
+            img = tmp_path / f"{cls}_{i}.JPEG"
+            synthetic_photo(np.random.default_rng(i)).save(img, "JPEG")
+            tar.add(img, f"imagenette2-160/{split}/{cls}/{img.name}")
+    r, dest = _run_download(tmp_path, curl=f'cp "{archive}" "$out"', args=["--scenes"])
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(dest)) == ["n01_1.JPEG", "n01_2.JPEG", "n02_3.JPEG"]  # no val/ photo
+    assert "done: 3 images" in r.stdout and "--scene-data imagenette" in r.stdout and not _leftovers(dest.parent)
+    r, _ = _run_download(tmp_path, curl="exit 1", args=["--scenes"])
+    assert r.returncode == 0 and "already has 3 images" in r.stdout
+    assert (tmp_path / "curl_calls").read_text().count("called") == 1
+    # offline, or an error page instead of the archive: one line, nothing left behind
+    for k, (body, message) in enumerate((("exit 22", "error: the download failed"),
+                                          ('echo "<html>" > "$out"', "not a valid .tgz"))):
+        (tmp_path / str(k)).mkdir()
+        r, dest = _run_download(tmp_path / str(k), curl=body, args=["--scenes"])
+        assert r.returncode != 0 and message in r.stderr and not dest.exists() and not _leftovers(dest.parent)
+
+
 def test_training_records_the_mean_colour_and_sampling_starts_there(photo_dir, shared_cache, tmp_path,
                                                                      monkeypatch):
     out = tmp_path / "run"
@@ -228,10 +273,19 @@ def test_init_fine_tunes_from_a_checkpoint_and_can_add_hint_inputs(photo_dir, sh
     train.main(train_args(photo_dir, shared_cache, base, max_steps=2))
     export = tmp_path / "shipped.pt"
     train.main(["--out-dir", str(base), "--export", str(export)])
+    scenes = tmp_path / "scenes"  # fine-tuned on more than its own photos: blue ones, weighing 3 to 1
+    scenes.mkdir()
+    for i in range(8):
+        Image.new("RGB", (24, 16), (40, 90 + 10 * i, 200)).save(scenes / f"s{i}.png")
     train.main(train_args(photo_dir, shared_cache, tuned, max_steps=1, lr=1e-12, warmup_steps=1)
-               + ["--init", str(export), "--hints", "true"])
+               + ["--init", str(export), "--hints", "true", "--scene-data", f"{scenes}:3"])
     old, new = load_checkpoint(str(export)), load_checkpoint(str(tuned / "ckpt.pt"))
-    assert new["step"] == 1 and new["config"]["hints"] and new["config"]["ab_mean"] == old["config"]["ab_mean"]
+    assert new["step"] == 1 and new["config"]["hints"]
+    # sampling starts from the mean colour of what it was tuned on: the mix, bluer than the photos alone
+    train_ds, _ = dataset.load_split([(str(photo_dir), 1.0, False), (str(scenes), 3.0, True)], 16, 25,
+                                     str(shared_cache))
+    assert torch.allclose(torch.tensor(new["config"]["ab_mean"]), dataset.mix_mean_ab(train_ds), atol=1e-4)
+    assert new["config"]["ab_mean"][1] < old["config"]["ab_mean"][1] - 0.1
     conv = "unet.init_conv.weight"  # the hint channels were added, at zero; the rest barely moved (lr 1e-12)
     assert new["model"][conv].shape[1] == old["ema"][conv].shape[1] + 3
     assert new["model"][conv][:, 3:].abs().max() < 1e-6
@@ -252,6 +306,7 @@ def test_guidance_distillation_learns_the_teachers_guided_prediction_in_one_pass
     train.main(train_args(photo_dir, shared_cache, student_dir, max_steps=60, warmup_steps=1, lr=3e-4)
                + ["--init", teacher_path, "--guidance-input", "true", "--teacher", teacher_path])
     teacher, student = load_model(teacher_path), load_model(str(student_dir / "ckpt.pt"), use_ema=False)
+    assert student.config.ab_mean == teacher.config.ab_mean  # it samples as its teacher: from the same start
     start = ColorDiffusion(student.config).eval()  # the student at step 0: the teacher, and a zero guidance_mlp
     assert start.load_state_dict(teacher.state_dict(), strict=False).missing_keys[0].startswith("unet.guidance_mlp")
     images, _ = dataset.build_cache(str(photo_dir), 16, str(shared_cache))

@@ -19,8 +19,9 @@ import torch.nn.functional as F  # noqa: E402
 
 from PIL import Image, ImageDraw  # noqa: E402
 
-from inference import (DEFAULT_CHECKPOINT, GifRecorder, colorize, colorize_batch, greyscale_rgb, load_hints,  # noqa
+from inference import (DEFAULT_CHECKPOINT, colorize, colorize_batch, greyscale_rgb, load_hints,  # noqa
                        model_input, model_size)
+from gif import GifRecorder  # noqa: E402
 from model import load_model, q_sample  # noqa: E402
 from utils import list_images, load_image, rgb_to_lab  # noqa: E402
 
