@@ -1,11 +1,11 @@
-"""A local web page for colorizing greyscale face photos with a Color Diffusion checkpoint.
+"""A local web page for colorizing greyscale photos (faces, and the world around them) with Color Diffusion.
 
     python app.py                                  # http://127.0.0.1:7860, checkpoints/celeba64.pt
     python app.py --checkpoint runs/celeba64/ckpt.pt --port 8000
     python app.py --host 0.0.0.0                   # reachable from other machines (only when asked)
     python app.py --share                          # a temporary public gradio.live link (needs internet)
 
-Upload, drop or paste a photo (or click an example face), press Colorize. To steer the colours, pick a
+Upload, drop or paste a photo (or click an example), press Colorize. To steer the colours, pick a
 colour and click on the photo under "Colour hints": each click pins that colour there, and the region around
 it follows. Requests are queued, so several users can share one model; the model is loaded once, at start.
 """
@@ -56,7 +56,7 @@ def open_upload(photo) -> Image.Image:
                        print_exception=False)
 
 
-def example_faces() -> list[str]:
+def example_photos() -> list[str]:
     """The bundled example photos; none (and no examples row) if the folder is missing or empty."""
     if not os.path.isdir(EXAMPLES_DIR):
         return []
@@ -161,14 +161,14 @@ def build_demo(model, runtime=None) -> gr.Blocks:
         return show_hints(photo, hints), hints
 
     with gr.Blocks(title="Color Diffusion", analytics_enabled=False) as demo:
-        gr.Markdown("# Color Diffusion\nColorize a greyscale face photo: upload, drop or paste one "
+        gr.Markdown("# Color Diffusion\nColorize a greyscale photo: upload, drop or paste one "
                     "(or click an example), then press **Colorize**. Each sample is a different guess.")
         with gr.Row():
             with gr.Column():
                 photo = gr.Image(label="Greyscale photo", type="filepath", image_mode=None,
                                  sources=["upload", "clipboard"], height=360, elem_id="photo")
-                if example_faces():
-                    gr.Examples([[path] for path in example_faces()], inputs=[photo], label="Example faces",
+                if example_photos():
+                    gr.Examples([[path] for path in example_photos()], inputs=[photo], label="Examples",
                                 cache_examples=False, elem_id="examples")
                 hints = gr.State([])
                 with gr.Accordion("Colour hints", open=True):

@@ -266,10 +266,10 @@ def main(argv=None):
     p.add_argument("--out", default="eval")
     args = p.parse_args(argv)
     check_sampling_args(p, args)
-    views = args.views.split(",") if args.views else VIEWS + SCENE_VIEWS
-    if not set(views) <= set(VIEWS + SCENE_VIEWS) or args.num_images < 1:
+    views = list(dict.fromkeys(args.views.split(",") if args.views else VIEWS + SCENE_VIEWS))
+    if not set(views) <= set(VIEWS + SCENE_VIEWS) or args.num_images < 1 or not 1 <= args.batch_size <= 1024:
         p.error(f"--views must name some of {', '.join(dict.fromkeys(VIEWS + SCENE_VIEWS))}; --num-images must be "
-                "at least 1")
+                "at least 1, --batch-size from 1 to 1024")
     if not (args.data or args.scene_data):
         p.error("give the photos to evaluate on: --data (portraits), --scene-data (scenes), or both")
     try:

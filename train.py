@@ -276,6 +276,8 @@ def main(argv=None):
                   file=sys.stderr)
         sys.exit(130)
     finally:
+        if log:
+            log.close()
         if distributed:
             dist.destroy_process_group()
     bar.close()

@@ -95,7 +95,8 @@ def expect_message(page, text):
 
 def drop_file(page, path):
     """Drag-and-drop a file onto the photo input, as a user dropping it from the desktop."""
-    data = base64.b64encode(open(path, "rb").read()).decode()
+    with open(path, "rb") as f:
+        data = base64.b64encode(f.read()).decode()
     transfer = page.evaluate_handle("""([b64, name]) => {
         const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
         const dt = new DataTransfer(); dt.items.add(new File([bytes], name, {type: 'image/png'})); return dt; }""",
@@ -108,7 +109,8 @@ def drop_file(page, path):
 
 def paste_file(page, path):
     """Put an image on the clipboard and press the input's "Paste from clipboard" button."""
-    data = base64.b64encode(open(path, "rb").read()).decode()
+    with open(path, "rb") as f:
+        data = base64.b64encode(f.read()).decode()
     page.evaluate("""async b64 => {
         const blob = new Blob([Uint8Array.from(atob(b64), c => c.charCodeAt(0))], {type: 'image/png'});
         await navigator.clipboard.write([new ClipboardItem({'image/png': blob})]); }""", data)

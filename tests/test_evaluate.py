@@ -73,7 +73,7 @@ def test_evaluate_writes_table_and_grid_for_several_checkpoints(tiny_checkpoint,
     assert "–" not in whole and tight[0] != "–" and tight[1] == "–"
     grid = open_image(out / "grid.png")
     assert grid.height > 2 * 2 * 3 * 90  # greyscale | ours | truth for each view and checkpoint
-    for bad in (["--views", "sideways"], ["--guidance", "-1"], ["--num-images", "0"]):
+    for bad in (["--views", "sideways"], ["--guidance", "-1"], ["--num-images", "0"], ["--batch-size", "0"]):
         with pytest.raises(SystemExit) as e:
             evaluate.main(paths + ["--data", str(photo_dir)] + bad)
         assert e.value.code == 2
@@ -89,7 +89,7 @@ def test_scenes_are_reported_beside_portraits_with_views_of_their_own(tiny_check
         Image.new("RGB", (48, 32), (40 * i, 120, 200)).save(scenes / f"s{i}.png")
     out = tmp_path / "eval"
     evaluate.main(["--checkpoint", tiny_checkpoint(), "--data", str(photo_dir), "--scene-data", str(scenes),
-                   "--num-images", "3", "--steps", "2", "--views", "whole,tight,centre", "--out", str(out)])
+                   "--num-images", "3", "--steps", "2", "--views", "whole,tight,centre,whole", "--out", str(out)])
     table = (out / "eval.md").read_text()
     rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if "tiny.pt: " in line}
     # each folder with its own views, its greyscale input beside it; the face split for portraits only

@@ -229,10 +229,10 @@ def test_ddpm_and_gif(cli, tmp_path):
     code, _, err = cli("--image-path", tmp_path / "g.png", "--ddpm", "--save-gif", tmp_path / "steps.gif",
                        "--num-samples", 2)
     assert code == 0, err
-    gif = open_image(tmp_path / "steps.gif")
-    # every DDPM step from where sampling starts, then the result
-    assert gif.format == "GIF" and gif.n_frames == len(ColorDiffusion(TINY).sampling_schedule()) + 1
-    assert gif.width >= 2 * 256 and gif.height >= 256  # two samples side by side, upscaled
+    with Image.open(tmp_path / "steps.gif") as gif:
+        # every DDPM step from where sampling starts, then the result
+        assert gif.format == "GIF" and gif.n_frames == len(ColorDiffusion(TINY).sampling_schedule()) + 1
+        assert gif.width >= 2 * 256 and gif.height >= 256  # two samples side by side, upscaled
     assert open_image(tmp_path / "g_color_1.png").size == (20, 16)
     code, _, err = cli("--image-path", tmp_path / "g.png", "--ddpm", "--steps", 5)
     assert code == 2 and "--ddpm" in err
@@ -249,7 +249,8 @@ def test_min_signal_moves_where_sampling_starts(cli, tmp_path):
         code, _, err = cli("--image-path", tmp_path / "g.png", "--output", tmp_path / f"g_{s}.png", "--ddpm",
                            "--min-signal", s, "--save-gif", gif)
         assert code == 0, err
-        frames[s] = open_image(gif).n_frames
+        with Image.open(gif) as animation:
+            frames[s] = animation.n_frames
     assert frames[0] == TINY.timesteps + 1
     assert frames[0.5] == int((ColorDiffusion(TINY).alphas_cumprod.sqrt() >= 0.5).sum()) + 1 < frames[0]
     for bad in (1, -0.1):
