@@ -394,38 +394,3 @@ def test_colorize_batch_groups_by_size_and_keeps_order(ckpt):
         assert diff.max() < 1.0
     single = inference.colorize(model, images[1], steps=3, seed=0)
     assert len(single) == 1 and single[0].size == (33, 17)
-
-
-def test_model_size_is_the_checkpoints_sample_size_unless_given(ckpt):
-    model = load_model(ckpt)
-    assert inference.model_size(model, 40, 20) == (32, 16)  # sample_size 0: the training size, 16
-    assert inference.model_size(model, 40, 20, size=24) == (48, 24)
-    model.config.sample_size = 32
-    assert inference.model_size(model, 40, 20) == (64, 32)
-    assert inference.model_input(model, photo(20, 40)).shape == (1, 1, 64, 32)
-    # the flag reaches the sampler's resolution: a bigger --size colours finer detail, so outputs differ
-    a = inference.colorize(model, photo(20, 40), steps=2, seed=0)[0]
-    b = inference.colorize(model, photo(20, 40), steps=2, seed=0, size=16)[0]
-    assert a.size == b.size == (20, 40) and not np.array_equal(np.asarray(a), np.asarray(b))
-
-
-def test_model_resolution_keeps_aspect_within_limits():
-    assert inference.model_resolution(218, 178, 64) == (80, 64)
-    assert inference.model_resolution(16, 16, 64) == (64, 64)
-    h, w = inference.model_resolution(10, 5000, 64)  # a strip: the long side is capped
-    assert w == 256 and h == 8
-
-
-def test_recombine_in_strips_matches_one_piece(monkeypatch):
-    img = photo(37, 41, mode="RGBA")
-    ab = torch.randn(1, 2, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.5  # partly out of gamut
-    whole = np.asarray(inference.recombine(img, ab)[0])
-    monkeypatch.setattr(inference, "STRIP_PIXELS", 100)  # strips of 2 rows
-    strips = np.asarray(inference.recombine(img, ab)[0])
-    # several samples at once (the input's L computed once) equal one call per sample
-    two = inference.recombine(img, torch.cat([ab, -ab]))
-    assert np.array_equal(np.asarray(two[0]), strips)
-    assert np.array_equal(np.asarray(two[1]), np.asarray(inference.recombine(img, -ab)[0]))
-    assert whole.shape == (41, 37, 4)
-    assert np.array_equal(whole, strips)  # per-pixel maths: strips change nothing
-    assert np.abs(lightness(Image.fromarray(strips).convert("RGB")) - lightness(img)).max() < 1.0
