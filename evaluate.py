@@ -128,10 +128,10 @@ def at_hints(out, hint):
 
 
 def evaluate(model, photos, batch_size=16, seed=0, runtime=None, hints=None, masks=None, **sampling):
-    """photos: colour PIL images. Colorizes each one's PIL greyscale as inference.py does (`runtime`: what runs the networks),
-    with `hints` (per photo, an RGBA hint image) if given; then also the error at the hinted pixels, and the
-    diversity away from them (the mean CIEDE2000 between two samples there). `masks` (per photo, face_mask): the
-    colourfulness bias inside and outside them. Returns ({metric: mean}, outputs)."""
+    """photos: colour PIL images. Colorizes each one's PIL greyscale as inference.py does (`runtime`: what runs
+    the networks), with `hints` (per photo, an RGBA hint image) if given; then also the error at the hinted
+    pixels, and the diversity away from them (the mean CIEDE2000 between two samples there). `masks` (per photo,
+    face_mask): the colourfulness bias inside and outside them. Returns ({metric: mean}, outputs)."""
     greys = [p.convert("L") for p in photos]
     samples = 1 if hints is None else 2
     outputs = []
@@ -281,7 +281,8 @@ def main(argv=None):
     # (name, photos, their views, whether the face views' square applies)
     sets = [(os.path.basename(os.path.normpath(folder)), load_photos(folder, args.num_images, args.offset),
              [v for v in views if v in kind_views], faces)
-            for folder, kind_views, faces in ((args.data, VIEWS, True), (args.scene_data, SCENE_VIEWS, False)) if folder]
+            for folder, kind_views, faces in ((args.data, VIEWS, True), (args.scene_data, SCENE_VIEWS, False))
+            if folder]
     device = pick_device(args.device)
     results, rows = [], []
     for path in args.checkpoint or [DEFAULT_CHECKPOINT]:

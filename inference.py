@@ -166,8 +166,9 @@ def colorize_batch(model, images, num_samples=1, seed=None, callback=None, amp=N
     with num_samples=K takes K rows). `sampling` (sampler, steps, eta, min_signal, guidance, guidance_first,
     guidance_interval, antithetic, dynamic_thresholding) goes to model.sample: what is not given is the
     checkpoint's. `hints`: per image, None or full-size hints (load_hints). `runtime`: what runs the
-    networks (runtime.py; default: fast_runtime's, OpenVINO on a CPU; `model` itself for PyTorch). `size`: the short side the model runs at (short_side). With `seed`, the same call gives the
-    same result bit for bit. amp: bf16 autocast, see utils.use_bf16 (None: where it is fast).
+    networks (runtime.py; default: fast_runtime's, OpenVINO on a CPU; `model` itself for PyTorch). `size`: the
+    short side the model runs at (short_side). With `seed`, the same call gives the same result bit for bit.
+    amp: bf16 autocast of PyTorch's runtime, see utils.use_bf16 (None: where it is fast).
     callback(i, n, x_t, x0) sees each step of each batch (model-space tensors, num_samples rows per image)."""
     device = next(model.parameters()).device
     runtime = fast_runtime(model) if runtime is None else runtime
@@ -268,7 +269,8 @@ def sampling_kwargs(args):
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description="Colorize greyscale photos (a file or every image in a folder) with Color Diffusion.")
+    p = ArgumentParser(description="Colorize greyscale photos (a file or every image in a folder) with Color "
+                       "Diffusion.")
     p.add_argument("--image-path", required=True, help="an image, or a folder of images")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="model checkpoint (.pt)")
     p.add_argument("--output", help="output file (its extension picks the format: .png .jpg .webp .tif .bmp) "

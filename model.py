@@ -488,8 +488,8 @@ class ColorDiffusion(nn.Module):
         half alone. `first` = (t, w): the step at t guides at w instead (see guidance_scales). A model trained
         with hint inputs gets zeros there: sample() pins and spreads the hints itself, as at a few steps the
         trained inputs pull the rest of a hinted region away from its hint (a red wall clicked twice came out
-        green; spreading alone is 0.06-0.19 dB better at 2-10 hints, docs/experiments.md section 20). `runtime`: what
-        runs the encoder and the UNet (runtime.py; default: this model, PyTorch)."""
+        green; spreading alone is 0.06-0.19 dB better at 2-10 hints, docs/experiments.md section 20).
+        `runtime`: what runs the encoder and the UNet (runtime.py; default: this model, PyTorch)."""
         scales = guidance_scales(self.alphas_cumprod, guidance, interval, first)  # once: no device sync per step
         for w in {guidance, *scales.values()}:
             ok, message = guidance_check(w, self.config.cond_drop)
@@ -509,8 +509,8 @@ class ColorDiffusion(nn.Module):
             k = 2 * n if w != 1 and paired else n  # rows of L, feats and hint inputs this step uses
             x = torch.cat([x, x]) if k > n else x
             eps = runtime.unet(torch.cat([L[:k], x.to(L.dtype), *(e[:k] for e in extra)], dim=1),
-                       torch.full((k,), t, device=x.device, dtype=torch.long), [f[:k] for f in feats],
-                       torch.full((n,), float(w), device=x.device) if student else None)
+                               torch.full((k,), t, device=x.device, dtype=torch.long), [f[:k] for f in feats],
+                               torch.full((n,), float(w), device=x.device) if student else None)
             if k > n:
                 cond, uncond = eps.float().chunk(2)
                 eps = uncond + w * (cond - uncond)

@@ -34,9 +34,10 @@ class _UNetCall(nn.Module):
 
 
 def fingerprint(model) -> str:
-    """A hash of the weights and config: the cache key of their converted networks (no path needed, so a
-    model loaded any way finds its conversion)."""
-    h = hashlib.sha1(repr(sorted(model.config.to_dict().items())).encode())
+    """A hash of the weights and the fields that shape the network: the cache key of their converted networks
+    (no path needed, so a model loaded any way finds its conversion; sampling settings do not matter)."""
+    c = model.config
+    h = hashlib.sha1(repr([(k, getattr(c, k)) for k in c.model_fields()]).encode())
     for k, v in model.state_dict().items():
         h.update(k.encode())
         h.update(v.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
