@@ -179,9 +179,7 @@ class PhotoDataset(Dataset):
 
     def set_epoch(self, epoch):
         self.epoch = epoch
-        self.order = list(range(len(self.images)))
-        if len(self.parts) > 1:
-            self.order = mix_order(self.parts, self.seed, epoch)
+        self.order = mix_order(self.parts, self.seed, epoch) if len(self.parts) > 1 else range(len(self.images))
 
     def __len__(self):
         return len(self.images)

@@ -28,7 +28,7 @@ from utils import ArgumentParser, comma_separated, folder_weight, lab_to_rgb, pi
 
 def parse_args(argv=None):
     p = ArgumentParser(description="Train the Color Diffusion model.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     defaults = Config()
     for f in fields(Config):
         default = getattr(defaults, f.name)

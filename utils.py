@@ -26,13 +26,21 @@ class ImageError(Exception):
     """A file that cannot be used as an image; the message is meant for the user."""
 
 
+def _linearize(rgb: torch.Tensor) -> torch.Tensor:
+    """RGB in [0, 1] (clipped) -> linear sRGB: sRGB's transfer curve undone."""
+    rgb = rgb.float().clamp(0, 1)
+    return torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+
+
+def _lab_f(t: torch.Tensor) -> torch.Tensor:
+    """CIELAB's compression of XYZ relative to white: a cube root, linear near black."""
+    return torch.where(t > 0.008856, t.clamp(min=1e-12) ** (1 / 3), 7.787 * t + 16 / 116)
+
+
 def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) RGB in [0, 1] -> normalized LAB (N, 3, H, W)."""
-    rgb = rgb.float().clamp(0, 1)
-    lin = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
-    xyz = torch.einsum("ij,njhw->nihw", _RGB2XYZ.to(rgb.device), lin)
-    xyz = xyz / _WHITE.to(rgb.device).view(1, 3, 1, 1)
-    f = torch.where(xyz > 0.008856, xyz.clamp(min=1e-12) ** (1 / 3), 7.787 * xyz + 16 / 116)
+    xyz = torch.einsum("ij,njhw->nihw", _RGB2XYZ.to(rgb.device), _linearize(rgb))
+    f = _lab_f(xyz / _WHITE.to(rgb.device).view(1, 3, 1, 1))
     L = 116 * f[:, 1:2] - 16
     a = 500 * (f[:, 0:1] - f[:, 1:2])
     b = 200 * (f[:, 1:2] - f[:, 2:3])
@@ -42,11 +50,8 @@ def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
 def lightness(rgb: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) RGB in [0, 1] -> normalized L (N, 1, H, W): rgb_to_lab's first channel alone, a third of its
     work (a photo's full-resolution L is all inference needs of it)."""
-    rgb = rgb.float().clamp(0, 1)
-    lin = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
-    y = torch.einsum("j,njhw->nhw", _RGB2XYZ[1].to(rgb.device), lin)[:, None]
-    f = torch.where(y > 0.008856, y.clamp(min=1e-12) ** (1 / 3), 7.787 * y + 16 / 116)
-    return (116 * f - 16) / 50 - 1
+    y = torch.einsum("j,njhw->nhw", _RGB2XYZ[1].to(rgb.device), _linearize(rgb))[:, None]  # white's Y is 1
+    return (116 * _lab_f(y) - 16) / 50 - 1
 
 
 # the L of each 8-bit grey level (R = G = B), for greyscale photos: a table lookup instead of arithmetic
