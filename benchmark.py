@@ -164,12 +164,12 @@ def main(argv=None):
     paired = {} if c.guidance_input else guidance_scales(model.alphas_cumprod, c.guidance, c.guidance_interval,
                                                          (n_ddpm - 1, c.guidance_first or c.guidance))
 
-    def unet_steps(steps):  # (UNet evaluations, of them guided pairs) of one sample; a student runs once at
-        # a guided step, and an antithetic start evaluates its first step twice
-        ts = [t for t, _, _ in timesteps(model.sampling_schedule(), steps)]
+    def unet_steps(steps, spacing=c.sample_spacing):  # (UNet evaluations, of them guided pairs) of one sample;
+        # a student runs once at a guided step, and an antithetic start evaluates its first step twice
+        ts = [t for t, _, _ in timesteps(model.sampling_schedule(), steps, spacing)]
         ts += ts[:1] if c.sample_antithetic else []
         return len(ts), sum(t in paired for t in ts)
-    n, k = unet_steps(n_ddpm)
+    n, k = unet_steps(n_ddpm, "linspace")
     rows = [("the original's loop (dim 128, 350 steps, encoder every step, float32)", 350,
              [per_photo(original, device, b, 350, False, False, repeats, True) for b in (1, 16)]),
             (f"our DDPM loop ({n_ddpm} steps{', the first twice' if c.sample_antithetic else ''}: "
@@ -185,7 +185,8 @@ def main(argv=None):
     for batch in (1, 16):
         run = lambda: inference.colorize_batch(model, photos[:batch], seed=0, batch_size=batch)  # noqa
         real.append(median_time(run, device, max(1, repeats // (1 if batch == 1 else 3)), 20.0) / batch)
-    default = f"{c.sampler} {c.sample_steps}" + (f", eta {c.sample_eta}" if c.sampler != "ddim" or c.sample_eta else "")
+    default = f"{c.sampler} {c.sample_steps}" + (" (trailing)" if c.sample_spacing == "trailing" else "") + \
+        (f", eta {c.sample_eta}" if c.sampler != "ddim" or c.sample_eta else "")
     guidance = f", guidance {c.guidance}" + (" (distilled: one pass)" if c.guidance_input else "") + \
         (f" ({c.guidance_first} at the first step)" if c.guidance_first not in (0, c.guidance) else "") + \
         (f" at signal {c.guidance_interval[0]}-{c.guidance_interval[1]}" if c.guidance_interval != (0, 1) else "")

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from model import SAMPLERS, SAMPLING_LIMITS, CheckpointError, guidance_check, interval_check, load_model, range_check
+from model import (SAMPLERS, SAMPLING_LIMITS, SPACINGS, CheckpointError, guidance_check, interval_check, load_model,
+                   range_check)
 from gif import GifRecorder
 from runtime import fast_runtime
 from utils import (GREY_LIGHTNESS, IMAGE_EXTENSIONS, ArgumentParser, ImageError, comma_separated, is_greyscale,
@@ -164,7 +165,7 @@ def colorize_batch(model, images, num_samples=1, seed=None, callback=None, amp=N
     """Colorize a list of PIL images: returns, per image, a list of `num_samples` PIL images at that image's
     exact size. Images with the same model resolution are sampled together, up to `batch_size` rows (an image
     with num_samples=K takes K rows). `sampling` (sampler, steps, eta, min_signal, guidance, guidance_first,
-    guidance_interval, antithetic, dynamic_thresholding) goes to model.sample: what is not given is the
+    guidance_interval, antithetic, spacing, dynamic_thresholding) goes to model.sample: what is not given is the
     checkpoint's. `hints`: per image, None or full-size hints (load_hints). `runtime`: what runs the
     networks (runtime.py; default: fast_runtime's, OpenVINO on a CPU; `model` itself for PyTorch). `size`: the
     short side the model runs at (short_side). With `seed`, the same call gives the same result bit for bit.
@@ -227,6 +228,9 @@ def add_sampling_args(p):
     p.add_argument("--steps", type=int, help="denoising steps (ddim, dpm++2m; default: the checkpoint's). The "
                    "guidance is chosen for the default: more steps guide more often and colour more boldly, so "
                    "lower --guidance with them")
+    p.add_argument("--spacing", choices=SPACINGS, help="where the steps lie: linspace ends at t = 0, a step that "
+                   "barely changes the photo; trailing leaves it out, so the same grid takes one step fewer "
+                   "(ddim, dpm++2m; default: the checkpoint's)")
     p.add_argument("--eta", type=float, help="fresh noise per step: 0 deterministic, 1 DDPM-like, more re-noises "
                    "more (ddim, dpm++2m; default: the checkpoint's)")
     p.add_argument("--min-signal", type=float,
@@ -264,7 +268,7 @@ def sampling_kwargs(args):
     """model.sample's settings from the flags of add_sampling_args (None: the checkpoint's)."""
     return dict(sampler=args.sampler, steps=args.steps, eta=args.eta, min_signal=args.min_signal,
                 guidance=args.guidance, guidance_first=args.guidance_first, guidance_interval=args.guidance_interval,
-                antithetic=args.antithetic,
+                antithetic=args.antithetic, spacing=args.spacing,
                 dynamic_thresholding=args.dynamic_threshold, size=args.size)
 
 

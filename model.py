@@ -19,6 +19,7 @@ from utils import folder_weight
 # it (or NaN, or infinite) a photo comes out black, or the machine is held for minutes, never a better picture.
 SAMPLING_LIMITS = {"steps": (1, 1000), "eta": (0, 5), "min_signal": (0, 0.99), "guidance": (0, 10),
                    "guidance_first": (0, 10), "size": (8, 1024)}
+SPACINGS = ("linspace", "trailing")  # see timesteps
 
 
 def range_check(value, name, low, high):
@@ -80,6 +81,9 @@ class Config:
     # end uses these unless told otherwise. Checkpoints older than a field sample as they always did.
     sampler: str = _field("ddim", "ddim, dpm++2m (with eta > 0 its SDE variant) or ddpm (every timestep)")
     sample_steps: int = _field(100, "denoising steps of ddim and dpm++2m (UNet pairs when guided)")
+    sample_spacing: str = _field("linspace", "the steps' timesteps: linspace (from the noisiest to t = 0, a step "
+                                             "that barely changes the sample) or trailing (Lin et al. 2024: the "
+                                             "last step lands on the clean sample from t = T / steps)")
     sample_eta: float = _field(1.0, "fresh noise per step: 0 deterministic, 1 DDPM-like")
     sample_min_signal: float = _field(0.04, "sampling starts at the noisiest t whose sqrt(alphas_cumprod) >= this")
     guidance: float = _field(1.0, "classifier-free guidance scale of sampling; 1 = none (needs cond_drop > 0)")
@@ -163,6 +167,8 @@ class Config:
             range_check(self.sample_min_signal, "sample_min_signal", *SAMPLING_LIMITS["min_signal"]),
             (self.sampler in SAMPLERS, f"sampler must be one of {', '.join(SAMPLERS)}, not {self.sampler!r}"),
             range_check(self.sample_steps, "sample_steps", *SAMPLING_LIMITS["steps"]),
+            (self.sample_spacing in SPACINGS, f"sample_spacing must be one of {', '.join(SPACINGS)}, "
+                                              f"not {self.sample_spacing!r}"),
             range_check(self.sample_eta, "sample_eta", *SAMPLING_LIMITS["eta"]),
             (self.sample_size == 0 or range_check(self.sample_size, "", *SAMPLING_LIMITS["size"])[0],
              "sample_size must be 0 (the training size) or from {} to {}".format(*SAMPLING_LIMITS["size"])),
@@ -247,10 +253,15 @@ def dynamic_threshold(x0, percentile=0.995, bound=1.0):
     return x0.clamp(-s, s) * (bound / s)
 
 
-def timesteps(alphas_cumprod, steps):
-    """[(t, a_t, a_next)]: `steps` evenly spaced timesteps from the noisiest, a_next = 1 after the last."""
+def timesteps(alphas_cumprod, steps, spacing="linspace"):
+    """[(t, a_t, a_next)]: `steps` evenly spaced timesteps from the noisiest, a_next = 1 after the last. linspace
+    ends at t = 0, whose step only removes noise of std sqrt(1 - a_0) (0.007 on the cosine schedule); trailing
+    leaves that step out of the grid, so that every UNet pass moves the sample."""
     T = len(alphas_cumprod)
-    ts = torch.linspace(T - 1, 0, min(steps, T)).round().long().tolist()
+    if spacing == "trailing":
+        ts = torch.linspace(T - 1, 0, min(steps, T) + 1)[:-1].round().long().tolist()
+    else:
+        ts = torch.linspace(T - 1, 0, min(steps, T)).round().long().tolist()
     a = [alphas_cumprod[t].item() for t in ts] + [1.0]
     return [(t, a[i], a[i + 1]) for i, t in enumerate(ts)]
 
@@ -279,11 +290,13 @@ def antithetic_start(denoise, t_start, centre, a_start):
     return wrapped
 
 
-def ddim_sample(denoise, x, alphas_cumprod, steps, eta=0.0, generator=None, threshold=None, callback=None):
-    """DDIM (Song et al.) from x = x_T over `steps` evenly spaced timesteps. eta=0 is deterministic, eta=1
-    adds DDPM's posterior noise; above 1 more of x_t is fresh noise, up to sigma = sqrt(1 - a_prev) (x0 re-noised
-    from scratch), the most for which x_{t-1} keeps the forward process's marginals."""
-    ts = timesteps(alphas_cumprod, steps)
+def ddim_sample(denoise, x, alphas_cumprod, steps, eta=0.0, generator=None, threshold=None, callback=None,
+                spacing="linspace"):
+    """DDIM (Song et al.) from x = x_T over `steps` timesteps (see timesteps for `spacing`). eta=0 is
+    deterministic, eta=1 adds DDPM's posterior noise; above 1 more of x_t is fresh noise, up to
+    sigma = sqrt(1 - a_prev) (x0 re-noised from scratch), the most for which x_{t-1} keeps the forward
+    process's marginals."""
+    ts = timesteps(alphas_cumprod, steps, spacing)
     for i, (t, a_t, a_prev) in enumerate(ts):
         x0, eps = denoised(denoise, x, t, a_t, threshold)
         var = min(eta ** 2 * (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev), 1 - a_prev)
@@ -296,18 +309,19 @@ def ddim_sample(denoise, x, alphas_cumprod, steps, eta=0.0, generator=None, thre
     return x
 
 
-def ddpm_sample(denoise, x, alphas_cumprod, steps=None, eta=None, **kwargs):
-    """The ancestral DDPM loop over every timestep of the schedule (steps and eta do not apply). DDIM over every
+def ddpm_sample(denoise, x, alphas_cumprod, steps=None, eta=None, spacing=None, **kwargs):
+    """The ancestral DDPM loop over every timestep of the schedule (steps, eta, spacing do not apply). DDIM over every
     timestep with eta=1 is exactly DDPM's posterior q(x_{t-1} | x_t, x0) with variance beta-tilde."""
     return ddim_sample(denoise, x, alphas_cumprod, steps=len(alphas_cumprod), eta=1.0, **kwargs)
 
 
-def dpmpp_2m_sample(denoise, x, alphas_cumprod, steps, eta=0.0, generator=None, threshold=None, callback=None):
+def dpmpp_2m_sample(denoise, x, alphas_cumprod, steps, eta=0.0, generator=None, threshold=None, callback=None,
+                    spacing="linspace"):
     """DPM-Solver++(2M) (Lu et al. 2022): the second-order multistep solver of the probability-flow ODE in
     log-SNR, on the x0 prediction; with eta > 0 its SDE variant (k-diffusion's sample_dpmpp_2m_sde, midpoint),
     eta = 1 the reverse SDE. Written for x = x_t of the variance-preserving process, alpha = sqrt(a_t),
     sigma = sqrt(1 - a_t); h is the step in lambda = log(alpha / sigma)."""
-    ts = timesteps(alphas_cumprod, steps)
+    ts = timesteps(alphas_cumprod, steps, spacing)
     old_x0, h_last = None, None
     for i, (t, a_t, a_next) in enumerate(ts):
         x0, _ = denoised(denoise, x, t, a_t, threshold)
@@ -529,11 +543,12 @@ class ColorDiffusion(nn.Module):
 
     @torch.no_grad()
     def sample(self, L, sampler=None, steps=None, eta=None, dynamic_thresholding=False, min_signal=None,
-               guidance=None, guidance_interval=None, guidance_first=None, antithetic=None, hints=None,
-               generator=None, callback=None, runtime=None):
+               guidance=None, guidance_interval=None, guidance_first=None, antithetic=None, spacing=None,
+               hints=None, generator=None, callback=None, runtime=None):
         """L: (N, 1, H, W) in [-1, 1] -> ab_n (N, 2, H, W). `sampler` (see SAMPLERS), `steps`, `eta`, `min_signal`
         (where sampling starts, see sampling_schedule), `guidance`, `guidance_interval`, `guidance_first` (0: the
-        first step guides at `guidance` too) and `antithetic` (see antithetic_start) default to the config's;
+        first step guides at `guidance` too), `antithetic` (see antithetic_start) and `spacing` (see timesteps)
+        default to the config's;
         `hints` (N, 3, H, W): hinted ab and mask, pinned and spread at every step (spread_hints); `runtime`: see
         `denoiser`. x0 is clipped to the data range at every step, or dynamically thresholded.
         `callback(i, n, x_t, x0)` sees model-space tensors."""
@@ -563,7 +578,8 @@ class ColorDiffusion(nn.Module):
             if hints is not None:
                 x0 = spread_hints(x0, L, hints[:, :2].to(x0.dtype) * s, hints[:, 2:] > 0)
             return x0
-        x = sampler(denoise, x, ac, steps, eta=eta, generator=generator, callback=callback, threshold=threshold)
+        x = sampler(denoise, x, ac, steps, eta=eta, generator=generator, callback=callback, threshold=threshold,
+                    spacing=c.sample_spacing if spacing is None else spacing)
         return x / s
 
 
@@ -616,8 +632,8 @@ def load_model(path, device="cpu", use_ema=True):
     return model.to(device, memory_format=torch.channels_last).eval()
 
 
-SAMPLING_FIELDS = ("sampler", "sample_steps", "sample_eta", "sample_min_signal", "guidance", "guidance_first",
-                   "guidance_interval", "sample_antithetic", "sample_size", "ab_mean")
+SAMPLING_FIELDS = ("sampler", "sample_steps", "sample_spacing", "sample_eta", "sample_min_signal", "guidance",
+                   "guidance_first", "guidance_interval", "sample_antithetic", "sample_size", "ab_mean")
 
 
 def export_inference_checkpoint(src, dst, **sampling):

@@ -101,7 +101,7 @@ def test_exported_checkpoint_is_fp16_ema_and_samples_closely(tiny_config, tmp_pa
     ("ema_decay", 1.0, "ema_decay"), ("batch_size", 0, "batch_size"), ("amp", "maybe", "amp"),
     ("device", "tpu", "device"), ("val_percent", 100.0, "val_percent"), ("dim_mults", (1, 0), "dim_mults"),
     ("cond_drop", 1.0, "cond_drop"), ("guidance", -1.0, "guidance"), ("sampler", "euler", "sampler must be one of"),
-    ("sample_steps", 0, "sample_steps"), ("sample_size", -1, "sample_size"),
+    ("sample_steps", 0, "sample_steps"), ("sample_size", -1, "sample_size"), ("sample_spacing", "leading", "spacing"),
     ("guidance_first", -1.0, "guidance_first")])
 def test_config_rejects_values_that_would_fail_later(field, value, message):
     with pytest.raises(ValueError, match=message):

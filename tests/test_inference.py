@@ -282,10 +282,11 @@ def test_sampling_flags_default_to_the_checkpoints_and_explicit_zero_is_kept():
     explicit --eta 0 (deterministic) is kept, not taken as unset; --ddpm is --sampler ddpm."""
     kwargs = lambda *a: inference._sampler_kwargs(inference.parse_args(["--image-path", "x.png", *a]))  # noqa: E731
     assert all(kwargs()[k] is None for k in ("sampler", "steps", "eta", "min_signal", "guidance", "guidance_first",
-                                         "guidance_interval", "antithetic"))
+                                         "guidance_interval", "antithetic", "spacing"))
     assert kwargs("--guidance-first", "0")["guidance_first"] == 0.0
     assert kwargs("--guidance-interval", "0.5,0.9")["guidance_interval"] == (0.5, 0.9)
     assert kwargs("--antithetic")["antithetic"] is True and kwargs("--no-antithetic")["antithetic"] is False
+    assert kwargs("--spacing", "trailing")["spacing"] == "trailing"
     assert kwargs("--eta", "0")["eta"] == 0.0 and kwargs("--eta", "0.5")["eta"] == 0.5
     assert kwargs("--ddpm")["sampler"] == "ddpm" == kwargs("--sampler", "ddpm")["sampler"]
 

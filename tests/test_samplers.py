@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from model import ColorDiffusion, cosine_schedule, ddim_sample, ddpm_sample, dpmpp_2m_sample, dynamic_threshold
+from model import (ColorDiffusion, cosine_schedule, ddim_sample, ddpm_sample, dpmpp_2m_sample, dynamic_threshold,
+                   timesteps)
 
 # ---------------------------------------------------------------------------------------------------------
 # samplers
@@ -56,6 +57,24 @@ def test_ddim_with_true_noise_recovers_x0(steps):
     assert steps == 1 or visited[-1] == 0  # one step jumps from T-1 straight to x0
     for p in x0_preds:
         assert torch.allclose(p, x0, atol=1e-3)
+
+
+@pytest.mark.parametrize("sampler", [ddim_sample, dpmpp_2m_sample])
+@pytest.mark.parametrize("steps", [1, 3, 7])
+def test_trailing_spacing_is_linspace_without_its_t0_step(sampler, steps):
+    """A trailing grid of `steps` is the linspace grid of steps + 1 without its last step (t = 0, which only
+    removes noise of std sqrt(1 - a_0)): the same UNet passes but one, landing on the clean sample."""
+    ac, x0, eps, xT = _trajectory_setup()
+    linspace, trailing = timesteps(ac, steps + 1), timesteps(ac, steps, "trailing")
+    assert [t for t, _, _ in trailing] == [t for t, _, _ in linspace[:-1]] and trailing[-1][0] > 0
+    assert trailing[-1][2] == 1.0 and [a for _, a, _ in trailing[1:]] == [a for _, _, a in trailing[:-1]]
+    visited = []
+
+    def denoise(x, t):
+        visited.append(t)
+        return eps
+    out = sampler(denoise, xT.clone(), ac, steps, spacing="trailing")
+    assert visited == [t for t, _, _ in trailing] and torch.allclose(out, x0, atol=1e-3)
 
 
 def test_ddpm_runs_T_steps_with_the_true_posterior():
@@ -168,6 +187,22 @@ def test_sampling_starts_at_the_noisiest_usable_timestep(tiny_config):
     seen = []
     m.sample(L, sampler="ddpm", min_signal=0.1, callback=lambda i, n, x, x0: seen.append(n))
     assert seen[0] == int((ac.sqrt() >= 0.1).sum()) and m.config.sample_min_signal == 0.0
+
+
+def test_sample_takes_the_configs_spacing_unless_given_one(tiny_config):
+    """sample(spacing=...) overrides the config's sample_spacing; a trailing grid never visits t = 0."""
+    m = ColorDiffusion(tiny_config).eval()
+    L = torch.zeros(1, 1, 16, 16)
+    grids = {}
+    for config_spacing, spacing in [("linspace", None), ("trailing", None), ("linspace", "trailing")]:
+        m.config.sample_spacing, ts = config_spacing, []
+        m.unet.register_forward_hook(lambda mod, args, out: ts.append(int(args[1][0])))
+        m.sample(L, steps=3, spacing=spacing)
+        m.unet._forward_hooks.clear()
+        grids[config_spacing, spacing] = ts
+    assert grids["linspace", None][-1] == 0 and len(grids["linspace", None]) == 3
+    trailing = [t for t, _, _ in timesteps(m.sampling_schedule(), 3, "trailing")]
+    assert grids["trailing", None] == grids["linspace", "trailing"] == trailing and 0 not in trailing
 
 
 def test_dpmpp_2m_solves_the_ode_more_accurately_than_ddim_in_few_steps():
