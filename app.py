@@ -1,6 +1,6 @@
 """A local web page for colorizing greyscale photos (faces, and the world around them) with Color Diffusion.
 
-    python app.py                                  # http://127.0.0.1:7860, checkpoints/celeba64.pt
+    python app.py                                  # http://127.0.0.1:7860, checkpoints/photos64.pt
     python app.py --checkpoint runs/celeba64/ckpt.pt --port 8000
     python app.py --host 0.0.0.0                   # reachable from other machines (only when asked)
     python app.py --share                          # a temporary public gradio.live link (needs internet)

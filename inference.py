@@ -36,7 +36,7 @@ from utils import (GREY_LIGHTNESS, IMAGE_EXTENSIONS, ArgumentParser, ImageError,
                    save_image, use_bf16)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CHECKPOINT = os.path.join(HERE, "checkpoints", "celeba64.pt")
+DEFAULT_CHECKPOINT = os.path.join(HERE, "checkpoints", "photos64.pt")
 DEFAULT_BATCH = 16
 STRIP_PIXELS = 1 << 19  # recombine() works on horizontal strips of about this many pixels
 SAVE_PARAMS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}}  # PIL's default JPEG quality 75 blurs L

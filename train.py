@@ -43,10 +43,10 @@ def parse_args(argv=None):
                             f"{','.join(map(str, default)) if isinstance(default, tuple) else default})".lstrip())
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
     p.add_argument("--init", metavar="PATH", help="start a new run from the weights of this checkpoint (training "
-                   "or shipped, e.g. checkpoints/celeba64.pt): fine-tuning. Its model fields are kept (and a "
+                   "or shipped, e.g. checkpoints/photos64.pt): fine-tuning. Its model fields are kept (and a "
                    "--teacher's student keeps its ab_mean, to sample as the teacher does)")
     p.add_argument("--export", metavar="PATH", help="write <out-dir>/ckpt.pt's EMA weights (fp16) and config to "
-                   "PATH for inference, e.g. checkpoints/celeba64.pt, and exit; the sampling flags (--sampler, "
+                   "PATH for inference, e.g. checkpoints/photos64.pt, and exit; the sampling flags (--sampler, "
                    "--sample-*, --guidance*) set its sampling defaults")
     args = vars(p.parse_args(argv))
     return args.pop("resume"), args.pop("init"), args.pop("export"), args

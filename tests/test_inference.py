@@ -361,7 +361,7 @@ def test_bad_inputs_give_one_error_line(cli, tmp_path, ckpt):
 def test_missing_default_checkpoint(tmp_path, monkeypatch, capsys):
     photo(16, 16).save(tmp_path / "ok.png")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(inference, "DEFAULT_CHECKPOINT", str(tmp_path / "checkpoints" / "celeba64.pt"))
+    monkeypatch.setattr(inference, "DEFAULT_CHECKPOINT", str(tmp_path / "checkpoints" / "photos64.pt"))
     assert inference.main(["--image-path", "ok.png"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: no model at") and "--checkpoint" in err and len(err.splitlines()) == 1
