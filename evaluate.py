@@ -292,7 +292,6 @@ def main(argv=None):
         sampling = sampling_kwargs(args)
         shown = {k: (v if v is not None else getattr(c, f)) for k, v, f in
                  [("sampler", args.sampler, "sampler"), ("steps", args.steps, "sample_steps"),
-                  ("spacing", args.spacing, "sample_spacing"),
                   ("eta", args.eta, "sample_eta"), ("start", args.min_signal, "sample_min_signal"),
                   ("guidance", args.guidance, "guidance"), ("first step", args.guidance_first, "guidance_first"),
                   ("interval", args.guidance_interval, "guidance_interval"),
@@ -307,9 +306,8 @@ def main(argv=None):
         if shown.pop("antithetic"):
             shown["start"] = f"{shown['start']} (antithetic)"
         shown["size"] = short_side(model, args.size)
-        if shown["spacing"] == "trailing":
+        if (args.spacing or c.sample_spacing) == "trailing":
             shown["steps"] = f"{shown['steps']} (trailing)"
-        shown.pop("spacing")
         if shown["sampler"] == "ddpm":
             shown.pop("steps"), shown.pop("eta")
         label = f"{os.path.basename(path)}: " + ", ".join(f"{k} {v}" for k, v in shown.items())

@@ -257,11 +257,8 @@ def timesteps(alphas_cumprod, steps, spacing="linspace"):
     """[(t, a_t, a_next)]: `steps` evenly spaced timesteps from the noisiest, a_next = 1 after the last. linspace
     ends at t = 0, whose step only removes noise of std sqrt(1 - a_0) (0.007 on the cosine schedule); trailing
     leaves that step out of the grid, so that every UNet pass moves the sample."""
-    T = len(alphas_cumprod)
-    if spacing == "trailing":
-        ts = torch.linspace(T - 1, 0, min(steps, T) + 1)[:-1].round().long().tolist()
-    else:
-        ts = torch.linspace(T - 1, 0, min(steps, T)).round().long().tolist()
+    T, n = len(alphas_cumprod), min(steps, len(alphas_cumprod))
+    ts = torch.linspace(T - 1, 0, n + (spacing == "trailing"))[:n].round().long().tolist()
     a = [alphas_cumprod[t].item() for t in ts] + [1.0]
     return [(t, a[i], a[i + 1]) for i, t in enumerate(ts)]
 

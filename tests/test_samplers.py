@@ -196,9 +196,9 @@ def test_sample_takes_the_configs_spacing_unless_given_one(tiny_config):
     grids = {}
     for config_spacing, spacing in [("linspace", None), ("trailing", None), ("linspace", "trailing")]:
         m.config.sample_spacing, ts = config_spacing, []
-        m.unet.register_forward_hook(lambda mod, args, out: ts.append(int(args[1][0])))
+        hook = m.unet.register_forward_hook(lambda mod, args, out: ts.append(int(args[1][0])))
         m.sample(L, steps=3, spacing=spacing)
-        m.unet._forward_hooks.clear()
+        hook.remove()
         grids[config_spacing, spacing] = ts
     assert grids["linspace", None][-1] == 0 and len(grids["linspace", None]) == 3
     trailing = [t for t, _, _ in timesteps(m.sampling_schedule(), 3, "trailing")]
