@@ -43,8 +43,7 @@ def parse_args(argv=None):
                             f"{','.join(map(str, default)) if isinstance(default, tuple) else default})".lstrip())
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
     p.add_argument("--init", metavar="PATH", help="start a new run from the weights of this checkpoint (training "
-                   "or shipped, e.g. checkpoints/photos64.pt): fine-tuning. Its model fields are kept (and a "
-                   "--teacher's student keeps its ab_mean, to sample as the teacher does)")
+                   "or shipped, e.g. checkpoints/photos64.pt): fine-tuning. Its model fields are kept")
     p.add_argument("--export", metavar="PATH", help="write <out-dir>/ckpt.pt's EMA weights (fp16) and config to "
                    "PATH for inference, e.g. checkpoints/photos64.pt, and exit; the sampling flags (--sampler, "
                    "--sample-*, --guidance*) set its sampling defaults")
@@ -108,10 +107,9 @@ def run_config(resume, init, given, ckpt_path):
             raise ValueError(f"cannot change the model's {', '.join(changed)} when resuming")
         return Config.from_dict({**ckpt["config"], **given}), ckpt, None
     init_ckpt = None
-    if init:  # the model (its fields and weights; a student's start colour too) comes from there
+    if init:  # the model (its fields and weights) comes from there
         init_ckpt = load_checkpoint(init)
-        keep = Config.model_fields() + (("ab_mean",) if given.get("teacher") else ())
-        kept = {k: v for k, v in init_ckpt["config"].items() if k in keep}
+        kept = {k: v for k, v in init_ckpt["config"].items() if k in Config.model_fields()}
         # hint inputs and a student's guidance input can be added: they start at zero
         added = ("hints", "guidance_input")
         changed = changed_model_fields(given, Config.from_dict(kept), exempt=added)
@@ -201,8 +199,10 @@ def main(argv=None):
         raise ValueError(f"--batch-size {config.batch_size} is not divisible by {world} processes")
     device, amp = setup_device(config, distributed, local_rank)
     train_ds, val_ds = load_data(config, rank, distributed)
-    if ckpt is None and not config.teacher:  # the colour sampling starts from (ColorDiffusion.sample): the mix's
-        config.ab_mean = tuple(round(v, 5) for v in mix_mean_ab(train_ds).tolist())
+    if ckpt is None and "ab_mean" not in given:  # where sampling starts (ColorDiffusion.sample): the mix's mean
+        # colour, or a student's teacher's, so that it samples as its teacher does
+        mean = load_checkpoint(config.teacher)["config"]["ab_mean"] if config.teacher else mix_mean_ab(train_ds)
+        config.ab_mean = tuple(round(float(v), 5) for v in mean)
     local_batch = config.batch_size // world
     steps_per_epoch = len(train_ds) // world // local_batch
     if steps_per_epoch == 0:

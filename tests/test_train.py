@@ -303,10 +303,12 @@ def test_guidance_distillation_learns_the_teachers_guided_prediction_in_one_pass
     base, student_dir, teacher_path = tmp_path / "base", tmp_path / "student", str(tmp_path / "teacher.pt")
     train.main(train_args(photo_dir, shared_cache, base, max_steps=30))
     train.main(["--out-dir", str(base), "--export", teacher_path])
+    init_path = str(tmp_path / "init.pt")  # the same weights, another start colour: the teacher's must win
+    train.main(["--out-dir", str(base), "--export", init_path, "--ab-mean", "0.2,-0.1"])
     train.main(train_args(photo_dir, shared_cache, student_dir, max_steps=60, warmup_steps=1, lr=3e-4)
-               + ["--init", teacher_path, "--guidance-input", "true", "--teacher", teacher_path])
+               + ["--init", init_path, "--guidance-input", "true", "--teacher", teacher_path])
     teacher, student = load_model(teacher_path), load_model(str(student_dir / "ckpt.pt"), use_ema=False)
-    assert student.config.ab_mean == teacher.config.ab_mean  # it samples as its teacher: from the same start
+    assert student.config.ab_mean == teacher.config.ab_mean != (0.2, -0.1)  # it samples as its teacher does
     start = ColorDiffusion(student.config).eval()  # the student at step 0: the teacher, and a zero guidance_mlp
     assert start.load_state_dict(teacher.state_dict(), strict=False).missing_keys[0].startswith("unet.guidance_mlp")
     images, _ = dataset.build_cache(str(photo_dir), 16, str(shared_cache))
