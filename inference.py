@@ -151,7 +151,7 @@ def recombine(img: Image.Image, ab: torch.Tensor, hints: torch.Tensor | None = N
         out = np.empty((H, W, 3), np.uint8)
         for top in range(0, H, rows):
             lab = torch.cat([L[..., top:top + rows, :], ab_full[..., top:top + rows, :]], dim=1)
-            out[top:top + rows] = lab_to_rgb8(lab)[0].permute(1, 2, 0).numpy()
+            out[top:top + rows] = lab_to_rgb8(lab)[0]
         out = Image.fromarray(out)
         if alpha is not None:
             out.putalpha(alpha)
@@ -168,13 +168,15 @@ def colorize_batch(model, images, num_samples=1, seed=None, callback=None, amp=N
     guidance_interval, antithetic, spacing, dynamic_thresholding) goes to model.sample: what is not given is the
     checkpoint's. `hints`: per image, None or full-size hints (load_hints). `runtime`: what runs the
     networks (runtime.py; default: fast_runtime's, OpenVINO on a CPU; `model` itself for PyTorch). `size`: the
-    short side the model runs at (short_side). With `seed`, the same call gives the same result bit for bit.
+    short side the model runs at (short_side). `seed`: one for every image, or a list, one per image;
+    sample k of an image is drawn from its seed + k alone, so an image gets the same colours whatever it is
+    batched with (up to float rounding) and the same call gives the same result bit for bit.
     amp: bf16 autocast of PyTorch's runtime, see utils.use_bf16 (None: where it is fast).
     callback(i, n, x_t, x0) sees each step of each batch (model-space tensors, num_samples rows per image)."""
     device = next(model.parameters()).device
     runtime = fast_runtime(model) if runtime is None else runtime
     amp = use_bf16(device, amp) and runtime is model  # autocast is PyTorch's
-    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    seeds = [seed] * len(images) if isinstance(seed, int) else seed
     smalls = [model_input(model, img, size) for img in images]
     hinted = hints is not None and any(h is not None for h in hints)
     groups = {}  # model resolution -> indices, in order of first appearance
@@ -192,6 +194,9 @@ def colorize_batch(model, images, num_samples=1, seed=None, callback=None, amp=N
                 small_hints = torch.cat([model_hints(hints[i], *L.shape[-2:]) if hints[i] is not None
                                          else torch.zeros(1, 3, *L.shape[-2:]) for i in chunk])
                 small_hints = small_hints.repeat_interleave(num_samples, dim=0).to(device)
+            # sample k of an image draws its noise from seed + k alone: the same colours alone or in a folder
+            generator = None if seeds is None else [torch.Generator(device).manual_seed(seeds[i] + k)
+                                                    for i in chunk for k in range(num_samples)]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 ab = model.sample(L, hints=small_hints, generator=generator, callback=callback, runtime=runtime,
                                   **sampling)
@@ -284,7 +289,8 @@ def parse_args(argv=None):
     add_sampling_args(p)
     p.add_argument("--num-samples", type=int, default=1,
                    help="colorizations per image, written as <name>_0, <name>_1, ...")
-    p.add_argument("--seed", type=int, help="random seed: the same command gives the same output bit for bit")
+    p.add_argument("--seed", type=int, help="random seed: the same command gives the same output bit for bit, "
+                   "and a photo gets the same colours alone or in a folder")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--hints", metavar="PNG", help="colour hints: an RGBA image (any size, scaled to the photo's) "
                    "whose opaque pixels give their colour; the regions around them follow")

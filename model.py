@@ -287,6 +287,15 @@ def antithetic_start(denoise, t_start, centre, a_start):
     return wrapped
 
 
+def randn(shape, generator=None, device=None, dtype=None):
+    """Standard normal noise of `shape`. `generator`: None, a torch.Generator, or a list of them, one per row:
+    then each row's noise comes from its own generator alone, whatever it is batched with (a photo's colours
+    at a seed do not depend on the other photos of a folder)."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.randn(shape[1:], generator=g, device=device, dtype=dtype) for g in generator])
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+
 def ddim_sample(denoise, x, alphas_cumprod, steps, eta=0.0, generator=None, threshold=None, callback=None,
                 spacing="linspace"):
     """DDIM (Song et al.) from x = x_T over `steps` timesteps (see timesteps for `spacing`). eta=0 is
@@ -300,7 +309,7 @@ def ddim_sample(denoise, x, alphas_cumprod, steps, eta=0.0, generator=None, thre
         sigma = math.sqrt(var)
         x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - var) * eps
         if sigma > 0:
-            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + sigma * randn(x.shape, generator, x.device, x.dtype)
         if callback is not None:
             callback(i, len(ts), x, x0)
     return x
@@ -335,7 +344,7 @@ def dpmpp_2m_sample(denoise, x, alphas_cumprod, steps, eta=0.0, generator=None, 
             x = (math.sqrt((1 - a_next) / (1 - a_t)) * math.exp(-eta_h) * x
                  - math.sqrt(a_next) * math.expm1(-h - eta_h) * d)
             if eta > 0:
-                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                noise = randn(x.shape, generator, x.device, x.dtype)
                 x = x + math.sqrt(1 - a_next) * math.sqrt(-math.expm1(-2 * eta_h)) * noise
             old_x0, h_last = x0, h
         if callback is not None:
@@ -547,7 +556,7 @@ class ColorDiffusion(nn.Module):
         first step guides at `guidance` too), `antithetic` (see antithetic_start) and `spacing` (see timesteps)
         default to the config's;
         `hints` (N, 3, H, W): hinted ab and mask, pinned and spread at every step (spread_hints); `runtime`: see
-        `denoiser`. x0 is clipped to the data range at every step, or dynamically thresholded.
+        `denoiser`; `generator`: one, or one per row (see randn). x0 is clipped to the data range at every step, or dynamically thresholded.
         `callback(i, n, x_t, x0)` sees model-space tensors."""
         c, s = self.config, self.config.ab_scale
         sampler = SAMPLERS[c.sampler if sampler is None else sampler]
@@ -563,8 +572,7 @@ class ColorDiffusion(nn.Module):
         # picture is on average grey, and it would colour it so (measured: 3 dB PSNR lost, a cold cast).
         a = ac[-1].item()
         centre = math.sqrt(a) * torch.tensor(self.config.ab_mean, device=L.device).view(1, 2, 1, 1) * s
-        x = centre + math.sqrt(1 - a) * torch.randn((L.shape[0], 2, *L.shape[2:]), generator=generator,
-                                                    device=L.device)
+        x = centre + math.sqrt(1 - a) * randn((L.shape[0], 2, *L.shape[2:]), generator, L.device)
         if c.sample_antithetic if antithetic is None else antithetic:
             denoise = antithetic_start(denoise, len(ac) - 1, centre, a)
         # x0 is also kept in the data range (|ab_n| <= 1), or dynamically thresholded

@@ -387,7 +387,7 @@ def test_errors_in_a_real_process(tmp_path):
 def test_colorize_batch_groups_by_size_and_keeps_order(ckpt):
     model = load_model(ckpt)
     images = [photo(20, 24, 1), photo(33, 17, 2), photo(20, 24, 3), colour_photo(16, 16)]
-    results = inference.colorize_batch(model, images, steps=3, num_samples=2, seed=0, batch_size=3)
+    results = inference.colorize_batch(model, images, steps=3, num_samples=2, seed=0, batch_size=3, eta=1.0)
     assert [len(r) for r in results] == [2, 2, 2, 2]
     assert [r[0].size for r in results] == [img.size for img in images]
     for img, (out, _) in zip(images, results):
@@ -395,3 +395,7 @@ def test_colorize_batch_groups_by_size_and_keeps_order(ckpt):
         assert diff.max() < 1.0
     single = inference.colorize(model, images[1], steps=3, seed=0)
     assert len(single) == 1 and single[0].size == (33, 17)
+    # a photo's noise is its own (sample k: seed + k): alone it gets the colours it got batched with another
+    alone = [np.asarray(inference.colorize(model, images[2], steps=3, seed=k, eta=1.0)[0], float) for k in (0, 1)]
+    diff = [[np.abs(a - np.asarray(b, float)).max() for b in results[2]] for a in alone]
+    assert diff[0][0] <= 2 and diff[1][1] <= 2 and min(diff[0][1], diff[1][0]) > 8, diff  # seeds differ
