@@ -139,7 +139,8 @@ def evaluate(model, photos, batch_size=16, seed=0, runtime=None, hints=None, mas
         chunk = slice(start, start + batch_size)
         hint = None if hints is None else [load_hints(h, p.size) if h.getextrema()[3][1] else None
                                            for h, p in zip(hints[chunk], photos[chunk])]
-        outputs += colorize_batch(model, greys[chunk], num_samples=samples, seed=list(range(seed + start, seed + start + len(greys[chunk]))),
+        seeds = list(range(seed + start, seed + start + len(greys[chunk])))  # a photo's own: its index's
+        outputs += colorize_batch(model, greys[chunk], num_samples=samples, seed=seeds,
                                   batch_size=batch_size * samples, runtime=runtime, hints=hint, **sampling)
     rows = []
     for k, (photo, grey, outs) in enumerate(zip(photos, greys, outputs)):

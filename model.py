@@ -104,7 +104,7 @@ class Config:
                               "--init from it and --guidance-input true")
     distil_steps: int = _field(0, "with --teacher, also fewer steps (progressive distillation, Salimans & Ho "
                                   "2022): the student samples in this many DDIM steps, each one learning two "
-                                  "of the teacher's guided ones (its grid of 2N - 1 steps); 0 = guidance alone")
+                                  "of the teacher's own deterministic ones (distil_grid); 0 = guidance alone")
     # data
     data: tuple = _field(("img_align_celeba",), "folders of colour portraits, comma-separated, each FOLDER or "
                                                "FOLDER:WEIGHT (its share of the examples; default 1)")
@@ -263,6 +263,12 @@ def timesteps(alphas_cumprod, steps, spacing="linspace"):
     return [(t, a[i], a[i + 1]) for i, t in enumerate(ts)]
 
 
+def distil_grid(alphas_cumprod, steps, spacing="linspace"):
+    """The teacher's grid a student of `steps` steps learns from: twice as fine, every other point of it the
+    student's own (timesteps(alphas_cumprod, steps, spacing)). linspace grids both end at t = 0: 2 steps - 1."""
+    return timesteps(alphas_cumprod, 2 * steps - (spacing == "linspace"), spacing)
+
+
 def denoised(denoise, x, t, a_t, threshold):
     """(x0, eps) at x = x_t: the model's clean sample, thresholded if asked, and the noise consistent with it
     (a_t: a float, or a tensor that broadcasts)."""
@@ -409,18 +415,19 @@ class ColorDiffusion(nn.Module):
     def forward(self, lab, t=None, noise=None, teacher=None):
         """Training loss for a batch of normalized LAB images (N, 3, H, W): MSE of the predicted ab noise, or
         with a `teacher` (distillation) of its guided prediction at a random scale w, or, with
-        config.distil_steps, of the noise with which one DDIM step lands where two of the teacher's guided ones
-        do. Random timesteps (with distil_steps always: points of the student's grid) and noise unless given.
+        config.distil_steps, of the noise with which one DDIM step lands where two of the teacher's own
+        (two_steps_eps) do. Random timesteps (with distil_steps: a point of the student's grid) and noise unless
+        given.
         `forward` is the loss so that DistributedDataParallel wraps it."""
         c = self.config
         L, ab = lab[:, :1], lab[:, 1:] * c.ab_scale
         if self.training and c.cond_drop > 0 and teacher is None:
             L = L * (torch.rand(len(L), 1, 1, 1, device=L.device) >= c.cond_drop)
         halve = teacher is not None and c.distil_steps > 0
-        if halve:  # a random point of the student's grid: every other one of the teacher's
-            grid = timesteps(teacher.sampling_schedule(), 2 * c.distil_steps - 1)
-            i = 2 * torch.randint(0, c.distil_steps, (len(lab),))
-            t = torch.tensor([grid[k][0] for k in i.tolist()], device=lab.device)
+        if halve:  # a random point of the student's grid (every other one of the teacher's), one per batch
+            grid = distil_grid(teacher.sampling_schedule(), c.distil_steps, teacher.config.sample_spacing)
+            i = 2 * int(torch.randint(0, c.distil_steps, ()))
+            t = torch.full((len(lab),), grid[i][0], device=lab.device)
         elif t is None:
             t = torch.randint(0, c.timesteps, (lab.shape[0],), device=lab.device)
         if noise is None:
@@ -430,14 +437,16 @@ class ColorDiffusion(nn.Module):
         if c.hints:  # hints only in training: the validation loss is that of colouring alone
             inputs.append(random_hints(lab[:, 1:]) if self.training else torch.zeros_like(lab))
         w = None
-        if c.guidance_input:  # without a teacher, the conditional prediction: w = 1
-            w = torch.ones(len(L), device=L.device) if teacher is None else 1 + 2 * torch.rand(len(L), device=L.device)
+        if c.guidance_input:  # w = 1 without a teacher (the conditional prediction), a random scale in [1, 3] to
+            # distil guidance, and with fewer steps the teacher's own: the scale the student samples at
+            w = (torch.ones(len(L)) if teacher is None else torch.full((len(L),), teacher.config.guidance) if halve
+                 else 1 + 2 * torch.rand(len(L))).to(L.device)
         inputs = torch.cat(inputs, dim=1)
         pred = self.unet(inputs, t, self.encoder(L), w)
         if teacher is None:
             target = noise
         elif halve:
-            target = teacher.two_steps_eps(inputs, grid, i, w)
+            target = teacher.two_steps_eps(inputs, grid, i)
         else:
             target = teacher.guided_eps(inputs, t, w)
         loss = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
@@ -459,45 +468,34 @@ class ColorDiffusion(nn.Module):
     loss = forward
 
     @torch.no_grad()
-    def guided_eps(self, inputs, t, w, feats=None):
-        """Classifier-free guided eps for a batch of UNet inputs (L, x_t, [hints]) with a scale per image.
-        `feats`: the encoder's features of the pair's greyscales (L, then L = 0), if the caller has them."""
+    def guided_eps(self, inputs, t, w):
+        """Classifier-free guided eps for a batch of UNet inputs (L, x_t, [hints]) with a scale per image."""
         inputs = torch.cat([inputs, torch.cat([torch.zeros_like(inputs[:, :1]), inputs[:, 1:]], 1)])
-        feats = self.encoder(inputs[:, :1]) if feats is None else feats
-        cond, uncond = self.unet(inputs, torch.cat([t, t]), feats).float().chunk(2)
+        cond, uncond = self.unet(inputs, torch.cat([t, t]), self.encoder(inputs[:, :1])).float().chunk(2)
         return uncond + w.view(-1, 1, 1, 1) * (cond - uncond)
 
     @torch.no_grad()
-    def two_steps_eps(self, inputs, grid, i, w):
-        """Progressive distillation's target (Salimans & Ho 2022): from UNet inputs (L, x_t, [hints]) at the
-        points i (per image) of a `timesteps` grid, two deterministic guided DDIM steps (one, into the clean
-        sample, from the grid's last point), and the eps with which a single DDIM step from x_t lands there."""
-        x_t, s, last = inputs[:, 1:3].float(), self.config.ab_scale, len(grid) - 1
-
-        def at(k):  # (t, a_t, a_next) per image at grid points i + k
-            t, a, a_next = (torch.tensor(col, device=x_t.device) for col in zip(*[grid[min(n + k, last)]
-                                                                                 for n in i.tolist()]))
-            return t, a.float().view(-1, 1, 1, 1), a_next.float().view(-1, 1, 1, 1)
-
-        L = inputs[:, :1]
-        feats = self.encoder(torch.cat([L, torch.zeros_like(L)]))  # the same greyscales at both steps: once
-
-        def guided(x, t):  # the teacher's guided eps with x as the noisy ab
-            return self.guided_eps(torch.cat([L, x.to(inputs.dtype), inputs[:, 3:]], 1), t, w, feats)
-
-        def step(x, point):  # deterministic DDIM, x0 clipped as sampling clips it
-            t, a, a_next = point
-            x0, eps = denoised(guided, x, t, a, lambda x0: x0.clamp(-s, s))
-            return a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
-
-        here, mid = at(0), at(1)
-        two = (i < last).to(x_t.device).view(-1, 1, 1, 1)
-        x = step(x_t, here)
-        x = torch.where(two, step(x, mid), x)
-        a, a_next = here[1], torch.where(two, mid[2], here[2])
-        r = ((1 - a_next) / (1 - a)).sqrt()  # one DDIM step lands at sqrt(a_next) x0 + r (x_t - sqrt(a) x0)
-        x0 = (x - r * x_t) / (a_next.sqrt() - r * a.sqrt())
-        return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+    def two_steps_eps(self, inputs, grid, i):
+        """Progressive distillation's target (Salimans & Ho 2022): from UNet inputs (L, x_t, [hints]) at point i
+        of a `timesteps` grid, two deterministic DDIM steps of this model's own sampling, as sample() runs it
+        (its guidance scales, the first step's own, its antithetic start; one step, into the clean sample, from
+        the grid's last point), and the eps with which a single DDIM step from x_t lands there."""
+        c, s = self.config, self.config.ab_scale
+        L, x_t = inputs[:, :1], inputs[:, 1:3].float()
+        t_start, a_start, _ = grid[0]
+        denoise = self.denoiser(L, c.guidance, interval=c.guidance_interval,
+                                first=(t_start, c.guidance_first or c.guidance))
+        if c.sample_antithetic:
+            centre = math.sqrt(a_start) * torch.tensor(c.ab_mean, device=L.device).view(1, 2, 1, 1) * s
+            denoise = antithetic_start(denoise, t_start, centre, a_start)
+        x = x_t
+        for t, a, a_next in grid[i:i + 2]:
+            x0, eps = denoised(denoise, x, t, a, lambda x0: x0.clamp(-s, s))
+            x = math.sqrt(a_next) * x0 + math.sqrt(1 - a_next) * eps
+        a = grid[i][1]
+        r = math.sqrt((1 - a_next) / (1 - a))  # one DDIM step lands at sqrt(a_next) x0 + r (x_t - sqrt(a) x0)
+        x0 = (x - r * x_t) / (math.sqrt(a_next) - r * math.sqrt(a))
+        return (x_t - math.sqrt(a) * x0) / math.sqrt(1 - a)
 
     def denoiser(self, L, guidance=1.0, runtime=None, interval=(0.0, 1.0), first=None):
         """eps = denoise(x_t, t) for fixed greyscale L: the encoder runs here once, not at every step.
@@ -556,7 +554,8 @@ class ColorDiffusion(nn.Module):
         first step guides at `guidance` too), `antithetic` (see antithetic_start) and `spacing` (see timesteps)
         default to the config's;
         `hints` (N, 3, H, W): hinted ab and mask, pinned and spread at every step (spread_hints); `runtime`: see
-        `denoiser`; `generator`: one, or one per row (see randn). x0 is clipped to the data range at every step, or dynamically thresholded.
+        `denoiser`; `generator`: one, or one per row (see randn). x0 is clipped to the data range at every step,
+        or dynamically thresholded.
         `callback(i, n, x_t, x0)` sees model-space tensors."""
         c, s = self.config, self.config.ab_scale
         sampler = SAMPLERS[c.sampler if sampler is None else sampler]

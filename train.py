@@ -167,10 +167,14 @@ def build(config, device, ckpt, init, init_ckpt):
         if teacher.config.guidance_input or changed_model_fields(vars(teacher.config), config,
                                                                  exempt=("guidance_input",)):
             raise ValueError(f"--teacher {config.teacher}: not the model this student was initialised from")
-        if config.distil_steps:  # the student samples as the teacher, on every other point of its grid
+        if config.distil_steps:  # the student samples as the teacher, on every other point of its grid, at its
+            # scale throughout: its first step has learned the teacher's first scale and antithetic start
+            t = teacher.config
             config.sampler, config.sample_steps, config.sample_eta = "ddim", config.distil_steps, 0.0
-            config.sample_min_signal, config.guidance = teacher.config.sample_min_signal, teacher.config.guidance
-            config.sample_size = teacher.config.sample_size
+            config.sample_min_signal, config.sample_spacing, config.sample_size = (t.sample_min_signal,
+                                                                                   t.sample_spacing, t.sample_size)
+            config.guidance, config.guidance_first, config.guidance_interval = t.guidance, 0.0, (0.0, 1.0)
+            config.sample_antithetic = False
     step = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])

@@ -330,26 +330,36 @@ def test_guidance_distillation_learns_the_teachers_guided_prediction_in_one_pass
         train.main(train_args(photo_dir, shared_cache, tmp_path / "x") + ["--teacher", teacher_path])
 
 
-def test_two_steps_target_lands_where_two_of_the_teachers_ddim_steps_land():
-    """Progressive distillation's target, against the sampler itself: one DDIM step with the target eps lands
-    where ddim_sample's first two deterministic guided steps land (and at the grid's last point, the one step
-    into the clean sample)."""
+@pytest.mark.parametrize("spacing", ["linspace", "trailing"])
+def test_two_steps_target_lands_where_two_of_the_teachers_own_steps_land(spacing):
+    """Progressive distillation's target, against the samplers themselves: one DDIM step with the target eps lands
+    where sample()'s first two deterministic steps land (the first at its own scale, from the antithetic start),
+    and later where ddim_sample's next two guided ones do (from the grid's last point: one, to the clean sample)."""
     torch.manual_seed(0)
-    teacher = ColorDiffusion(Config(dim=8, dim_mults=(1, 2), timesteps=50)).eval()
-    L, x_t, w = torch.rand(3, 1, 16, 16) * 2 - 1, torch.randn(3, 2, 16, 16), 2.0
-    s, ac = teacher.config.ab_scale, teacher.sampling_schedule()
-    grid = model_module.timesteps(ac, 5)  # a student of 3 steps
-    clip = lambda x0: x0.clamp(-s, s)  # noqa: E731
-    for i, n_steps in ((0, 2), (2, 2), (4, 1)):  # the last point: one step, to the clean sample
-        landed = []
-        model_module.ddim_sample(teacher.denoiser(L, guidance=w), x_t, ac[: grid[i][0] + 1], len(grid) - i,
-                                 threshold=clip, callback=lambda k, n, x, x0: landed.append(x))
-        eps = teacher.two_steps_eps(torch.cat([L, x_t], 1), grid, torch.full((3,), i), torch.full((3,), w))
+    # 51 timesteps: sampling starts at t = 48, so both grids' points are integers, later ones a grid of their own
+    teacher = ColorDiffusion(Config(dim=8, dim_mults=(1, 2), timesteps=51, guidance=2.0, guidance_first=1.5,
+                                    sample_antithetic=True, ab_mean=(0.1, -0.05), sample_spacing=spacing)).eval()
+    L, s, ac = torch.rand(3, 1, 16, 16) * 2 - 1, teacher.config.ab_scale, teacher.sampling_schedule()
+    grid = model_module.distil_grid(ac, 3, spacing)  # a student of 3 steps
+    assert [p[0] for p in grid[::2]] == [p[0] for p in model_module.timesteps(ac, 3, spacing)]
+    for i in range(0, len(grid), 2):
+        landed, n_steps = [], min(2, len(grid) - i)
+        if i == 0:  # x_T as sample() draws it, and its own steps
+            a = grid[0][1]
+            x_t = a ** 0.5 * torch.tensor([0.1, -0.05]).view(1, 2, 1, 1) * s + (1 - a) ** 0.5 * torch.randn(
+                (3, 2, 16, 16), generator=torch.Generator().manual_seed(1))
+            teacher.sample(L, steps=len(grid), eta=0.0, generator=torch.Generator().manual_seed(1),
+                           callback=lambda k, n, x, x0: landed.append(x))
+        else:
+            x_t = torch.randn(3, 2, 16, 16)
+            model_module.ddim_sample(teacher.denoiser(L, guidance=2.0), x_t, ac[: grid[i][0] + 1], len(grid) - i,
+                                     threshold=lambda x0: x0.clamp(-s, s), spacing=spacing,
+                                     callback=lambda k, n, x, x0: landed.append(x))
+        eps = teacher.two_steps_eps(torch.cat([L, x_t], 1), grid, i)
         a = grid[i][1]
         a_next = grid[i + n_steps][1] if i + n_steps < len(grid) else 1.0
         x0 = model_module.predict_x0(x_t, eps, a)
-        one_step = a_next ** 0.5 * x0 + (1 - a_next) ** 0.5 * eps
-        gap = (one_step - landed[n_steps - 1]).abs().max()
+        gap = (a_next ** 0.5 * x0 + (1 - a_next) ** 0.5 * eps - landed[n_steps - 1]).abs().max()
         assert gap < 1e-4, (i, gap)
 
 
@@ -358,13 +368,15 @@ def test_progressive_distillation_halves_the_steps(photo_dir, shared_cache, tmp_
     2N - 1, in one UNet pass each, and its checkpoint samples that way."""
     base, student_dir, teacher_path = tmp_path / "base", tmp_path / "student", str(tmp_path / "teacher.pt")
     train.main(train_args(photo_dir, shared_cache, base, max_steps=30))
-    train.main(["--out-dir", str(base), "--export", teacher_path, "--guidance", "2"])
+    train.main(["--out-dir", str(base), "--export", teacher_path, "--guidance", "2", "--guidance-first", "1.5",
+                "--sample-antithetic", "true", "--sample-spacing", "trailing"])
     train.main(train_args(photo_dir, shared_cache, student_dir, max_steps=60, warmup_steps=1, lr=3e-4)
                + ["--init", teacher_path, "--guidance-input", "true", "--teacher", teacher_path,
                   "--distil-steps", "2"])
     teacher, student = load_model(teacher_path), load_model(str(student_dir / "ckpt.pt"), use_ema=False)
-    c = student.config
-    assert (c.sample_steps, c.sample_eta, c.guidance) == (2, 0.0, 2.0)
+    c = student.config  # its first step has learned the teacher's first scale and antithetic start
+    assert (c.sample_steps, c.sample_eta, c.sample_spacing, c.guidance) == (2, 0.0, "trailing", 2.0)
+    assert (c.guidance_first, c.sample_antithetic) == (0.0, False)
     start = ColorDiffusion(c).eval()
     start.load_state_dict(teacher.state_dict(), strict=False)
     images, _ = dataset.build_cache(str(photo_dir), 16, str(shared_cache))
