@@ -477,17 +477,12 @@ class ColorDiffusion(nn.Module):
     @torch.no_grad()
     def two_steps_eps(self, inputs, grid, i):
         """Progressive distillation's target (Salimans & Ho 2022): from UNet inputs (L, x_t, [hints]) at point i
-        of a `timesteps` grid, two deterministic DDIM steps of this model's own sampling, as sample() runs it
-        (its guidance scales, the first step's own, its antithetic start; one step, into the clean sample, from
-        the grid's last point), and the eps with which a single DDIM step from x_t lands there."""
-        c, s = self.config, self.config.ab_scale
-        L, x_t = inputs[:, :1], inputs[:, 1:3].float()
-        t_start, a_start, _ = grid[0]
-        denoise = self.denoiser(L, c.guidance, interval=c.guidance_interval,
-                                first=(t_start, c.guidance_first or c.guidance))
-        if c.sample_antithetic:
-            centre = math.sqrt(a_start) * torch.tensor(c.ab_mean, device=L.device).view(1, 2, 1, 1) * s
-            denoise = antithetic_start(denoise, t_start, centre, a_start)
+        of a grid of this model's sampling_schedule() (distil_grid), two deterministic DDIM steps of its own
+        sampling (sampling_denoiser: its guidance scales, the first step's own, its antithetic start; one step,
+        into the clean sample, from the grid's last point), and the eps with which a single DDIM step from x_t
+        lands there."""
+        s, L, x_t = self.config.ab_scale, inputs[:, :1], inputs[:, 1:3].float()
+        denoise, _ = self.sampling_denoiser(L, self.sampling_schedule())
         x = x_t
         for t, a, a_next in grid[i:i + 2]:
             x0, eps = denoised(denoise, x, t, a, lambda x0: x0.clamp(-s, s))
@@ -535,6 +530,26 @@ class ColorDiffusion(nn.Module):
             return eps
         return denoise
 
+    def sampling_denoiser(self, L, ac, guidance=None, guidance_interval=None, guidance_first=None,
+                          antithetic=None, runtime=None):
+        """(denoise, centre) of sampling from the last timestep of `ac` (sampling_schedule): the denoiser with
+        its guidance (`guidance_first` at that first step; 0: `guidance` there too) and, if asked, the
+        antithetic start; and x_T's mean. What is not given is the config's. sample() runs it, and a student's
+        targets (two_steps_eps) are its steps."""
+        c, a = self.config, ac[-1].item()
+        guidance = c.guidance if guidance is None else guidance
+        first = c.guidance_first if guidance_first is None else guidance_first
+        denoise = self.denoiser(L, guidance, runtime,
+                                c.guidance_interval if guidance_interval is None else guidance_interval,
+                                first=(len(ac) - 1, first or guidance))
+        # x_t at the start: sqrt(a) x0 + sqrt(1 - a) noise, with x0 taken as the data's mean colour. The mean
+        # colour of x_t is measurable from thousands of pixels, so zero-mean noise would tell the model the
+        # picture is on average grey, and it would colour it so (measured: 3 dB PSNR lost, a cold cast).
+        centre = math.sqrt(a) * torch.tensor(c.ab_mean, device=L.device).view(1, 2, 1, 1) * c.ab_scale
+        if c.sample_antithetic if antithetic is None else antithetic:
+            denoise = antithetic_start(denoise, len(ac) - 1, centre, a)
+        return denoise, centre
+
     def sampling_schedule(self, min_signal=None):
         """alphas_cumprod up to the timestep sampling starts from (by default, config.sample_min_signal's).
         Near t = T the x0 implied by predicted noise is the noise's error amplified 1/sqrt(a_t) times (7000x
@@ -561,19 +576,9 @@ class ColorDiffusion(nn.Module):
         sampler = SAMPLERS[c.sampler if sampler is None else sampler]
         steps, eta = c.sample_steps if steps is None else steps, c.sample_eta if eta is None else eta
         ac = self.sampling_schedule(min_signal)
-        guidance = c.guidance if guidance is None else guidance
-        first = c.guidance_first if guidance_first is None else guidance_first
-        denoise = self.denoiser(L, guidance, runtime,
-                                c.guidance_interval if guidance_interval is None else guidance_interval,
-                                first=(len(ac) - 1, first or guidance))
-        # x_t at the start: sqrt(a) x0 + sqrt(1 - a) noise, with x0 taken as the data's mean colour. The mean
-        # colour of x_t is measurable from thousands of pixels, so zero-mean noise would tell the model the
-        # picture is on average grey, and it would colour it so (measured: 3 dB PSNR lost, a cold cast).
-        a = ac[-1].item()
-        centre = math.sqrt(a) * torch.tensor(self.config.ab_mean, device=L.device).view(1, 2, 1, 1) * s
-        x = centre + math.sqrt(1 - a) * randn((L.shape[0], 2, *L.shape[2:]), generator, L.device)
-        if c.sample_antithetic if antithetic is None else antithetic:
-            denoise = antithetic_start(denoise, len(ac) - 1, centre, a)
+        denoise, centre = self.sampling_denoiser(L, ac, guidance, guidance_interval, guidance_first, antithetic,
+                                                 runtime)
+        x = centre + math.sqrt(1 - ac[-1].item()) * randn((L.shape[0], 2, *L.shape[2:]), generator, L.device)
         # x0 is also kept in the data range (|ab_n| <= 1), or dynamically thresholded
         def threshold(x0):
             x0 = dynamic_threshold(x0, bound=s) if dynamic_thresholding else x0.clamp(-s, s)
