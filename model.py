@@ -64,6 +64,8 @@ class Config:
     dim_mults: tuple = _field((1, 2, 4, 8), "width multiplier per UNet level", True)
     dropout: float = _field(0.0, "dropout in the residual blocks", True)
     attention: bool = _field(True, "linear attention per level, full attention in the middle", True)
+    context_blocks: int = _field(0, "residual blocks with full attention after the greyscale encoder's last level "
+                                    "(depth to tell what a photo shows); with --init, added zero-initialised", True)
     hints: bool = _field(False, "colour hints as 3 more UNet inputs (ab, mask), trained with simulated clicks; "
                                 "with --init, added to a model without (zero-initialised)", True)
     guidance_input: bool = _field(False, "the guidance scale is a UNet input: a student that gives the guided "
@@ -209,19 +211,20 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# noise schedules: both return alphas_cumprod (T,), float64
+# noise schedules: both return alphas_cumprod (T,), float64, on the CPU even when a model is built on the meta
+# device (load_model): computed, never loaded
 
 def linear_schedule(T):
     """The original's (denoising-diffusion-pytorch) linear betas, rescaled so any T ends fully noised."""
     scale = 1000 / T
     # clamped as in cosine_schedule: for T <= 20 the last betas reach 1 or more (alphas_cumprod 0 or negative)
-    betas = torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64).clamp(max=0.999)
+    betas = torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64, device="cpu").clamp(max=0.999)
     return torch.cumprod(1 - betas, 0)
 
 
 def cosine_schedule(T, s=0.008):
     """Nichol & Dhariwal's cosine schedule."""
-    x = torch.linspace(0, T, T + 1, dtype=torch.float64)
+    x = torch.linspace(0, T, T + 1, dtype=torch.float64, device="cpu")
     ac = torch.cos((x / T + s) / (1 + s) * math.pi / 2) ** 2
     betas = (1 - ac[1:] / ac[:-1]).clamp(0, 0.999)
     return torch.cumprod(1 - betas, 0)
@@ -409,7 +412,7 @@ class ColorDiffusion(nn.Module):
         self.config = config
         args = dict(dim=config.dim, dim_mults=config.dim_mults, dropout=config.dropout, attention=config.attention)
         self.unet = UNet(**args, in_channels=6 if config.hints else 3, guidance_input=config.guidance_input)
-        self.encoder = GreyscaleEncoder(**args)
+        self.encoder = GreyscaleEncoder(**args, context_blocks=config.context_blocks)
         self.register_buffer("alphas_cumprod", SCHEDULES[config.schedule](config.timesteps), persistent=False)
 
     def forward(self, lab, t=None, noise=None, teacher=None):
@@ -632,10 +635,11 @@ def load_model(path, device="cpu", use_ema=True):
         config = Config.from_dict(ckpt["config"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: {e}") from None
-    model = ColorDiffusion(config)
+    with torch.device("meta"):  # no random initialisation (a tenth of a second): every weight is loaded
+        model = ColorDiffusion(config)
     weights = ckpt["ema"] if use_ema and "ema" in ckpt else ckpt.get("model", ckpt.get("ema"))
     try:
-        model.load_state_dict({k: v.float() for k, v in weights.items()})
+        model.load_state_dict({k: v.float() for k, v in weights.items()}, assign=True)
     except (RuntimeError, AttributeError, TypeError) as e:  # keys or shapes that do not match its own config
         raise CheckpointError(f"{path}: weights do not fit the model ({type(e).__name__})") from None
     return model.to(device, memory_format=torch.channels_last).eval()

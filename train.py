@@ -110,10 +110,10 @@ def run_config(resume, init, given, ckpt_path):
     if init:  # the model (its fields and weights) comes from there
         init_ckpt = load_checkpoint(init)
         kept = {k: v for k, v in init_ckpt["config"].items() if k in Config.model_fields()}
-        # hint inputs and a student's guidance input can be added: they start at zero
-        added = ("hints", "guidance_input")
+        # hint inputs, a student's guidance input and context blocks can be added: they start at zero
+        added = ("hints", "guidance_input", "context_blocks")
         changed = changed_model_fields(given, Config.from_dict(kept), exempt=added)
-        kept.update({k: given.get(k, kept.get(k, False)) for k in added})
+        kept.update({k: given.get(k, kept.get(k, getattr(Config, k))) for k in added})
         if changed:
             raise ValueError(f"cannot change the model's {', '.join(changed)} when fine-tuning (--init)")
         given = {**given, **kept}
@@ -158,7 +158,7 @@ def build(config, device, ckpt, init, init_ckpt):
     if init_ckpt is not None:
         weights = add_inputs({k: v.float() for k, v in init_ckpt.get("ema", init_ckpt.get("model")).items()}, model)
         missing, unexpected = model.load_state_dict(weights, strict=False)
-        if unexpected or any(not k.startswith("unet.guidance_mlp.") for k in missing):
+        if unexpected or any(not k.startswith(("unet.guidance_mlp.", "encoder.context.")) for k in missing):
             raise ValueError(f"{init}: its weights do not fit this model")
         ema.load_state_dict(model.state_dict())
     teacher = None
