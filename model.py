@@ -123,6 +123,8 @@ class Config:
     out_dir: str = _field("runs/celeba64", "checkpoints, sample grids, log")
     batch_size: int = _field(32, "global batch size (split across torchrun processes)")
     lr: float = _field(3e-4, "peak AdamW learning rate, for the global batch size")
+    context_lr: float = _field(0.0, "peak learning rate of the context blocks (0 = --lr): blocks added to a trained "
+                                    "model start at zero and barely move at a fine-tune's rate")
     warmup_steps: int = _field(200, "linear warm-up steps, then cosine decay to a tenth")
     weight_decay: float = _field(0.0, "AdamW weight decay")
     grad_clip: float = _field(1.0, "gradient norm clipping")

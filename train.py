@@ -154,7 +154,12 @@ def build(config, device, ckpt, init, init_ckpt):
     torch.manual_seed(config.seed)
     model = ColorDiffusion(config).to(device, memory_format=torch.channels_last)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay)
+    context = [p for n, p in model.named_parameters() if n.startswith("encoder.context.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("encoder.context.")]
+    groups = [{"params": rest, "lr_scale": 1.0}]
+    if context:
+        groups.append({"params": context, "lr_scale": (config.context_lr or config.lr) / config.lr})
+    opt = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay)
     if init_ckpt is not None:
         weights = add_inputs({k: v.float() for k, v in init_ckpt.get("ema", init_ckpt.get("model")).items()}, model)
         missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -240,7 +245,7 @@ def main(argv=None):
                 # so a resumed run draws exactly what the uninterrupted one would have
                 torch.manual_seed(config.seed * 1_000_003 + step * 1009 + rank)
                 for group in opt.param_groups:
-                    group["lr"] = lr_at(step, config)
+                    group["lr"] = lr_at(step, config) * group["lr_scale"]
                 batch = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 with amp:
                     loss = net(batch, teacher=teacher)

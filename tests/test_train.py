@@ -278,10 +278,13 @@ def test_init_fine_tunes_from_a_checkpoint_and_can_add_hints_and_context(photo_d
     for i in range(8):
         Image.new("RGB", (24, 16), (40, 90 + 10 * i, 200)).save(scenes / f"s{i}.png")
     train.main(train_args(photo_dir, shared_cache, tuned, max_steps=1, lr=1e-12, warmup_steps=1)
-               + ["--init", str(export), "--hints", "true", "--context-blocks", "2", "--scene-data", f"{scenes}:3"])
+               + ["--init", str(export), "--hints", "true", "--context-blocks", "2", "--context-lr", "1e-11",
+                  "--scene-data", f"{scenes}:3"])
     old, new = load_checkpoint(str(export)), load_checkpoint(str(tuned / "ckpt.pt"))
     assert new["step"] == 1 and new["config"]["hints"] and new["config"]["context_blocks"] == 2
-    # the context blocks were added at zero: the encoder computes what it did
+    # the context blocks were added at zero, to learn at their own rate: the encoder computes what it did
+    main_lr, context_lr = (g["lr"] for g in new["optimizer"]["param_groups"])
+    assert context_lr == pytest.approx(10 * main_lr)
     L = torch.rand(2, 1, 24, 32)
     feats_old, feats_new = (load_model(str(p)).encoder(L) for p in (export, tuned / "ckpt.pt"))
     assert len(feats_new) == len(feats_old)
