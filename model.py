@@ -64,8 +64,6 @@ class Config:
     dim_mults: tuple = _field((1, 2, 4, 8), "width multiplier per UNet level", True)
     dropout: float = _field(0.0, "dropout in the residual blocks", True)
     attention: bool = _field(True, "linear attention per level, full attention in the middle", True)
-    context_blocks: int = _field(0, "residual blocks with full attention after the greyscale encoder's last level "
-                                    "(depth to tell what a photo shows); with --init, added zero-initialised", True)
     hints: bool = _field(False, "colour hints as 3 more UNet inputs (ab, mask), trained with simulated clicks; "
                                 "with --init, added to a model without (zero-initialised)", True)
     guidance_input: bool = _field(False, "the guidance scale is a UNet input: a student that gives the guided "
@@ -123,8 +121,6 @@ class Config:
     out_dir: str = _field("runs/celeba64", "checkpoints, sample grids, log")
     batch_size: int = _field(32, "global batch size (split across torchrun processes)")
     lr: float = _field(3e-4, "peak AdamW learning rate, for the global batch size")
-    context_lr: float = _field(0.0, "peak learning rate of the context blocks (0 = --lr): blocks added to a trained "
-                                    "model start at zero and barely move at a fine-tune's rate")
     warmup_steps: int = _field(200, "linear warm-up steps, then cosine decay to a tenth")
     weight_decay: float = _field(0.0, "AdamW weight decay")
     grad_clip: float = _field(1.0, "gradient norm clipping")
@@ -414,7 +410,7 @@ class ColorDiffusion(nn.Module):
         self.config = config
         args = dict(dim=config.dim, dim_mults=config.dim_mults, dropout=config.dropout, attention=config.attention)
         self.unet = UNet(**args, in_channels=6 if config.hints else 3, guidance_input=config.guidance_input)
-        self.encoder = GreyscaleEncoder(**args, context_blocks=config.context_blocks)
+        self.encoder = GreyscaleEncoder(**args)
         self.register_buffer("alphas_cumprod", SCHEDULES[config.schedule](config.timesteps), persistent=False)
 
     def forward(self, lab, t=None, noise=None, teacher=None):

@@ -110,10 +110,10 @@ def run_config(resume, init, given, ckpt_path):
     if init:  # the model (its fields and weights) comes from there
         init_ckpt = load_checkpoint(init)
         kept = {k: v for k, v in init_ckpt["config"].items() if k in Config.model_fields()}
-        # hint inputs, a student's guidance input and context blocks can be added: they start at zero
-        added = ("hints", "guidance_input", "context_blocks")
+        # hint inputs and a student's guidance input can be added: they start at zero
+        added = ("hints", "guidance_input")
         changed = changed_model_fields(given, Config.from_dict(kept), exempt=added)
-        kept.update({k: given.get(k, kept.get(k, getattr(Config, k))) for k in added})
+        kept.update({k: given.get(k, kept.get(k, False)) for k in added})
         if changed:
             raise ValueError(f"cannot change the model's {', '.join(changed)} when fine-tuning (--init)")
         given = {**given, **kept}
@@ -154,16 +154,11 @@ def build(config, device, ckpt, init, init_ckpt):
     torch.manual_seed(config.seed)
     model = ColorDiffusion(config).to(device, memory_format=torch.channels_last)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    context = [p for n, p in model.named_parameters() if n.startswith("encoder.context.")]
-    rest = [p for n, p in model.named_parameters() if not n.startswith("encoder.context.")]
-    groups = [{"params": rest, "lr_scale": 1.0}]
-    if context:
-        groups.append({"params": context, "lr_scale": (config.context_lr or config.lr) / config.lr})
-    opt = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay)
     if init_ckpt is not None:
         weights = add_inputs({k: v.float() for k, v in init_ckpt.get("ema", init_ckpt.get("model")).items()}, model)
         missing, unexpected = model.load_state_dict(weights, strict=False)
-        if unexpected or any(not k.startswith(("unet.guidance_mlp.", "encoder.context.")) for k in missing):
+        if unexpected or any(not k.startswith("unet.guidance_mlp.") for k in missing):
             raise ValueError(f"{init}: its weights do not fit this model")
         ema.load_state_dict(model.state_dict())
     teacher = None
@@ -245,7 +240,7 @@ def main(argv=None):
                 # so a resumed run draws exactly what the uninterrupted one would have
                 torch.manual_seed(config.seed * 1_000_003 + step * 1009 + rank)
                 for group in opt.param_groups:
-                    group["lr"] = lr_at(step, config) * group["lr_scale"]
+                    group["lr"] = lr_at(step, config)
                 batch = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 with amp:
                     loss = net(batch, teacher=teacher)

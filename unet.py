@@ -71,20 +71,6 @@ class Attention(nn.Module):
         return x + self.out(rearrange(out, "b heads d (h w) -> b (heads d) h w", h=h, w=w))
 
 
-class ContextBlock(nn.Module):
-    """A residual block and full attention, for more depth at the encoder's lowest resolution, where it tells
-    sky from skin. Both residual branches start at zero, so a trained model it is added to starts unchanged."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.block, self.attn = ResnetBlock(dim, dim), Attention(dim)
-        for p in (self.block.norm2.weight, self.block.norm2.bias, self.attn.out.weight, self.attn.out.bias):
-            nn.init.zeros_(p)
-
-    def forward(self, x):
-        return self.attn(self.block(x))
-
-
 def downsample(dim_in, dim_out):
     return nn.Conv2d(dim_in, dim_out, 4, stride=2, padding=1)
 
@@ -111,7 +97,7 @@ class Level(nn.Module):
 class GreyscaleEncoder(nn.Module):
     """First half of a UNet on L alone: returns one feature map per level, at that level's resolution."""
 
-    def __init__(self, dim=64, dim_mults=(1, 2, 4), dropout=0.0, attention=True, context_blocks=0):
+    def __init__(self, dim=64, dim_mults=(1, 2, 4), dropout=0.0, attention=True):
         super().__init__()
         self.init_conv = nn.Conv2d(1, dim, 7, padding=3)
         dims = level_dims(dim, dim_mults)
@@ -120,7 +106,6 @@ class GreyscaleEncoder(nn.Module):
         # nothing follows the last level: a resize there would be a parameter with no gradient, which also
         # stalls DistributedDataParallel
         self.levels[-1].resize = nn.Identity()
-        self.context = nn.Sequential(*(ContextBlock(dims[-1][0]) for _ in range(context_blocks)))
 
     def forward(self, L):
         x, feats = self.init_conv(L), []
@@ -128,7 +113,6 @@ class GreyscaleEncoder(nn.Module):
             x = level.attn(level.block2(level.block1(x)))
             feats.append(x)
             x = level.resize(x)
-        feats[-1] = self.context(feats[-1])
         return feats
 
 

@@ -268,7 +268,7 @@ def test_training_records_the_mean_colour_and_sampling_starts_there(photo_dir, s
     assert torch.allclose(seen["x"], a ** 0.5 * mean + (1 - a) ** 0.5 * noise, atol=1e-6)
 
 
-def test_init_fine_tunes_from_a_checkpoint_and_can_add_hints_and_context(photo_dir, shared_cache, tmp_path):
+def test_init_fine_tunes_from_a_checkpoint_and_can_add_hint_inputs(photo_dir, shared_cache, tmp_path):
     base, tuned = tmp_path / "base", tmp_path / "tuned"
     train.main(train_args(photo_dir, shared_cache, base, max_steps=2))
     export = tmp_path / "shipped.pt"
@@ -278,18 +278,9 @@ def test_init_fine_tunes_from_a_checkpoint_and_can_add_hints_and_context(photo_d
     for i in range(8):
         Image.new("RGB", (24, 16), (40, 90 + 10 * i, 200)).save(scenes / f"s{i}.png")
     train.main(train_args(photo_dir, shared_cache, tuned, max_steps=1, lr=1e-12, warmup_steps=1)
-               + ["--init", str(export), "--hints", "true", "--context-blocks", "2", "--context-lr", "1e-11",
-                  "--scene-data", f"{scenes}:3"])
+               + ["--init", str(export), "--hints", "true", "--scene-data", f"{scenes}:3"])
     old, new = load_checkpoint(str(export)), load_checkpoint(str(tuned / "ckpt.pt"))
-    assert new["step"] == 1 and new["config"]["hints"] and new["config"]["context_blocks"] == 2
-    # the context blocks were added at zero, to learn at their own rate: the encoder computes what it did
-    main_lr, context_lr = (g["lr"] for g in new["optimizer"]["param_groups"])
-    assert context_lr == pytest.approx(10 * main_lr)
-    L = torch.rand(2, 1, 24, 32)
-    feats_old, feats_new = (load_model(str(p)).encoder(L) for p in (export, tuned / "ckpt.pt"))
-    assert len(feats_new) == len(feats_old)
-    for a, b in zip(feats_old, feats_new):
-        torch.testing.assert_close(a, b, atol=1e-3, rtol=0)
+    assert new["step"] == 1 and new["config"]["hints"]
     # sampling starts from the mean colour of what it was tuned on: the mix, bluer than the photos alone
     train_ds, _ = dataset.load_split([(str(photo_dir), 1.0, False), (str(scenes), 3.0, True)], 16, 25,
                                      str(shared_cache))
