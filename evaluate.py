@@ -184,8 +184,8 @@ def table(results):
 
 
 def hints_table(results):
-    lines = ["| checkpoint | hints | PSNR (dB) ↑ | CIEDE2000 ↓ | CIEDE2000 at the hints ↓ | diversity away from them |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| checkpoint | hints | PSNR (dB) ↑ | CIEDE2000 ↓ | CIEDE2000 at the hints ↓ "
+             "| diversity away from them |", "|---|---|---|---|---|---|"]
     lines += [f"| {label} | {n} | {m['psnr']:.2f} | {m['de']:.2f} | "
               f"{'–' if np.isnan(m['hint_de']) else format(m['hint_de'], '.2f')} | {m['diversity']:.2f} |"
               for label, n, m in results]

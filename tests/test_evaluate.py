@@ -96,7 +96,8 @@ def test_scenes_are_reported_beside_portraits_with_views_of_their_own(tiny_check
     assert list(rows) == [f"{photo_dir.name}: whole", f"{photo_dir.name}: tight", "scenes: whole", "scenes: centre"]
     assert table.count("greyscale input") == 4 and table.startswith(f"3 photos of {photo_dir.name} and 3 photos "
                                                                      "of scenes")
-    assert rows["scenes: whole"].rstrip(" |").endswith("– / –") and "– / –" not in rows[f"{photo_dir.name}: whole"]
+    assert rows["scenes: whole"].rstrip(" |").endswith("– / –")
+    assert "– / –" not in rows[f"{photo_dir.name}: whole"]
 
 
 def test_offset_chooses_other_photos(photo_dir):
