@@ -110,8 +110,9 @@ def run_config(resume, init, given, ckpt_path):
     if init:  # the model (its fields and weights) comes from there
         init_ckpt = load_checkpoint(init)
         kept = {k: v for k, v in init_ckpt["config"].items() if k in Config.model_fields()}
-        # hint inputs and a student's guidance input can be added: they start at zero
-        added = ("hints", "guidance_input")
+        # hint inputs and a student's guidance input can be added (they start at zero), and the network is
+        # convolutional, so a fine-tune can train at another resolution
+        added = ("hints", "guidance_input", "image_size")
         changed = changed_model_fields(given, Config.from_dict(kept), exempt=added)
         kept.update({k: given.get(k, kept.get(k, False)) for k in added})
         if changed:

@@ -268,7 +268,7 @@ def test_training_records_the_mean_colour_and_sampling_starts_there(photo_dir, s
     assert torch.allclose(seen["x"], a ** 0.5 * mean + (1 - a) ** 0.5 * noise, atol=1e-6)
 
 
-def test_init_fine_tunes_from_a_checkpoint_and_can_add_hint_inputs(photo_dir, shared_cache, tmp_path):
+def test_init_fine_tunes_from_a_checkpoint_at_another_size_and_can_add_hint_inputs(photo_dir, shared_cache, tmp_path):
     base, tuned = tmp_path / "base", tmp_path / "tuned"
     train.main(train_args(photo_dir, shared_cache, base, max_steps=2))
     export = tmp_path / "shipped.pt"
@@ -277,12 +277,12 @@ def test_init_fine_tunes_from_a_checkpoint_and_can_add_hint_inputs(photo_dir, sh
     scenes.mkdir()
     for i in range(8):
         Image.new("RGB", (24, 16), (40, 90 + 10 * i, 200)).save(scenes / f"s{i}.png")
-    train.main(train_args(photo_dir, shared_cache, tuned, max_steps=1, lr=1e-12, warmup_steps=1)
+    train.main(train_args(photo_dir, shared_cache, tuned, max_steps=1, lr=1e-12, warmup_steps=1, image_size=24)
                + ["--init", str(export), "--hints", "true", "--scene-data", f"{scenes}:3"])
     old, new = load_checkpoint(str(export)), load_checkpoint(str(tuned / "ckpt.pt"))
-    assert new["step"] == 1 and new["config"]["hints"]
+    assert new["step"] == 1 and new["config"]["hints"] and new["config"]["image_size"] == 24  # another resolution
     # sampling starts from the mean colour of what it was tuned on: the mix, bluer than the photos alone
-    train_ds, _ = dataset.load_split([(str(photo_dir), 1.0, False), (str(scenes), 3.0, True)], 16, 25,
+    train_ds, _ = dataset.load_split([(str(photo_dir), 1.0, False), (str(scenes), 3.0, True)], 24, 25,
                                      str(shared_cache))
     assert torch.allclose(torch.tensor(new["config"]["ab_mean"]), dataset.mix_mean_ab(train_ds), atol=1e-4)
     assert new["config"]["ab_mean"][1] < old["config"]["ab_mean"][1] - 0.1
