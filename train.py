@@ -112,9 +112,10 @@ def run_config(resume, init, given, ckpt_path):
         kept = {k: v for k, v in init_ckpt["config"].items() if k in Config.model_fields()}
         # hint inputs and a student's guidance input can be added (they start at zero), and the network is
         # convolutional, so a fine-tune can train at another resolution
-        added = ("hints", "guidance_input", "image_size")
-        changed = changed_model_fields(given, Config.from_dict(kept), exempt=added)
-        kept.update({k: given.get(k, kept.get(k, False)) for k in added})
+        changeable = ("hints", "guidance_input", "image_size")
+        changed = changed_model_fields(given, Config.from_dict(kept), exempt=changeable)
+        # the flag, else the checkpoint's, else (an older checkpoint without the field) the field's default
+        kept.update({k: given.get(k, kept.get(k, getattr(Config, k))) for k in changeable})
         if changed:
             raise ValueError(f"cannot change the model's {', '.join(changed)} when fine-tuning (--init)")
         given = {**given, **kept}
