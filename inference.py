@@ -14,7 +14,6 @@ import math
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 # OpenMP threads that spin while they wait for each other collapse when another process keeps the cores busy:
 # one step of the default model went from ~30 ms to 0.2-1.8 s on 2 cores beside a training run, and stayed
@@ -460,39 +459,6 @@ def run_file(args, device):
     return 0
 
 
-def _read_batch(jobs):
-    """Decode a batch of (path, outputs): ([(path, outputs, image)], [failure lines], how many are in colour)."""
-    batch, failed, colour = [], [], 0
-    for path, outs in jobs:
-        try:
-            img = load_image(path)
-            colour += _is_colour(img)  # also fails here, not mid-batch, on a mode PIL cannot convert
-            batch.append((path, outs, img))
-        except Exception as e:
-            failed.append(str(e) if isinstance(e, ImageError) else f"{path}: {type(e).__name__}: {e}")
-    return batch, failed, colour
-
-
-def _write_batch(batch, results):
-    """Save each photo's samples: a list with, per photo, None or its failure line."""
-    status = []
-    for (_, outs, img), result in zip(batch, results):
-        try:
-            for path, r in zip(outs, result):
-                save_image(r, path, **_save_params(_writable_ext(path), img))
-            status.append(None)
-        except (ImageError, UsageError) as e:
-            status.append(str(e))
-    return status
-
-
-def _written(status, failed, bar):
-    """Count a written batch: the photos done, its failures into `failed`."""
-    failed.extend(line for line in status if line)
-    bar.update(len(status))
-    return status.count(None)
-
-
 def run_folder(args, device):
     src = os.path.normpath(args.image_path)
     if args.save_gif or args.hints:
@@ -527,32 +493,33 @@ def run_folder(args, device):
 
     failed, colour, done = [], 0, 0
     bar = tqdm(total=len(jobs), unit="img", dynamic_ncols=True, file=sys.stderr)
-    batches = [jobs[start:start + per_batch] for start in range(0, len(jobs), per_batch)]
-    # one thread decodes the next batch and another writes the last while the network runs on this one; one
-    # batch ahead and one behind at most, so memory stays bounded
-    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
-        reading, writing = reader.submit(_read_batch, batches[0]), None
-        for n in range(len(batches)):
-            batch, errors, colours = reading.result()
-            if n + 1 < len(batches):
-                reading = reader.submit(_read_batch, batches[n + 1])
-            failed.extend(errors)
-            colour += colours
-            bar.update(len(errors))
-            if not batch:
-                continue
-            try:  # colorize_batch samples the photos of each model resolution together
-                results = colorize_batch(model, [img for _, _, img in batch],
-                                         batch_size=per_batch * args.num_samples, runtime=runtime, **kwargs)
-            except Exception as e:  # e.g. out of memory: report these files, go on with the rest
-                failed.extend(f"{i}: {type(e).__name__}: {e}".splitlines()[0] for i, _, _ in batch)
-                bar.update(len(batch))
-                continue
-            if writing:
-                done += _written(writing.result(), failed, bar)
-            writing = writer.submit(_write_batch, batch, results)
-        if writing:
-            done += _written(writing.result(), failed, bar)
+    for start in range(0, len(jobs), per_batch):  # a batch's worth decoded at a time: memory stays bounded
+        batch = []
+        for path, outs in jobs[start:start + per_batch]:
+            try:
+                img = load_image(path)
+                colour += _is_colour(img)  # also fails here, not mid-batch, on a mode PIL cannot convert
+                batch.append((path, outs, img))
+            except Exception as e:
+                failed.append(str(e) if isinstance(e, ImageError) else f"{path}: {type(e).__name__}: {e}")
+                bar.update(1)
+        if not batch:
+            continue
+        try:  # colorize_batch samples the photos of each model resolution together
+            results = colorize_batch(model, [img for _, _, img in batch], batch_size=per_batch * args.num_samples,
+                                     runtime=runtime, **kwargs)
+        except Exception as e:  # e.g. out of memory: report these files, go on with the rest
+            failed.extend(f"{i}: {type(e).__name__}: {e}".splitlines()[0] for i, _, _ in batch)
+            bar.update(len(batch))
+            continue
+        for (i, outs, img), result in zip(batch, results):
+            try:
+                for path, r in zip(outs, result):
+                    save_image(r, path, **_save_params(_writable_ext(path), img))
+                done += 1
+            except (ImageError, UsageError) as e:
+                failed.append(str(e))
+            bar.update(1)
     bar.close()
 
     if colour:
