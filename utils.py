@@ -96,19 +96,19 @@ def _gamut_fit(lab: torch.Tensor, iters: int, tol: float):
     bad = (low < -tol) | (high > 1 + tol)  # (N, H, W)
     if not bad.any():
         return lab, lin
-    lab, lin = lab.permute(0, 2, 3, 1).clone(), lin.permute(0, 2, 3, 1).clone()  # (N, H, W, 3): index the bad
-    pix = lab[bad]  # (P, 3)
-    lo, hi = torch.zeros(len(pix), device=lab.device), torch.ones(len(pix), device=lab.device)
+    lab, lin = lab.clone(), lin.clone()
+    pix = lab.transpose(0, 1)[:, bad]  # (3, P): channels first, so each trial is one contiguous conversion
+    lo, hi = torch.zeros(pix.shape[1], device=lab.device), torch.ones(pix.shape[1], device=lab.device)
     for _ in range(iters):
         mid = (lo + hi) / 2
-        trial = torch.cat([pix[:, :1], pix[:, 1:] * mid[:, None]], dim=1).T[None, :, :, None]  # (1, 3, P, 1)
-        fits = _lab_to_linear(trial)[0, :, :, 0]
-        ok = ((fits >= -tol) & (fits <= 1 + tol)).all(dim=0)
+        trial = _lab_to_linear(torch.cat([pix[:1], pix[1:] * mid])[None, :, :, None])[0, :, :, 0]
+        low, high = torch.aminmax(trial, dim=0)
+        ok = (low >= -tol) & (high <= 1 + tol)
         lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
-    fitted = torch.cat([pix[:, :1], pix[:, 1:] * lo[:, None]], dim=1)
-    lab[bad] = fitted
-    lin[bad] = _lab_to_linear(fitted.T[None, :, :, None])[0, :, :, 0].T
-    return lab.permute(0, 3, 1, 2), lin.permute(0, 3, 1, 2)
+    fitted = torch.cat([pix[:1], pix[1:] * lo])[None, :, :, None]
+    lab.transpose(0, 1)[:, bad] = fitted[0, :, :, 0]
+    lin.transpose(0, 1)[:, bad] = _lab_to_linear(fitted)[0, :, :, 0]
+    return lab, lin
 
 
 def fit_to_gamut(lab: torch.Tensor, iters: int = 12, tol: float = 1e-5) -> torch.Tensor:

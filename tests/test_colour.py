@@ -51,6 +51,11 @@ def test_fit_to_gamut_keeps_lightness_and_hue_and_only_shrinks_chroma():
     assert cross.abs().max() < 1e-5 and (fitted[:, 1:] * lab[:, 1:]).sum(dim=1).min() >= 0
     rgb = utils.lab_to_rgb(fitted)  # in gamut now: lab_to_rgb's clipping no longer changes anything
     assert (utils.rgb_to_lab(rgb) - fitted).abs().max() < 2e-3
+    # and no more than it had to: 1% more chroma takes each fitted pixel out of gamut again
+    moved = scale < 1 - 1e-6
+    wider = torch.cat([fitted[:, :1], fitted[:, 1:] * 1.01], dim=1)
+    shrunk = utils.fit_to_gamut(wider)[:, 1:].norm(dim=1) < wider[:, 1:].norm(dim=1) * (1 - 1e-6)
+    assert moved.sum() > 50 and shrunk[moved].all()
     inside = torch.tensor([0.2, 0.1, 0.05]).view(1, 3, 1, 1)
     assert torch.equal(utils.fit_to_gamut(inside), inside)
 
