@@ -106,6 +106,9 @@ def parse_colour(colour) -> str:
 
 def build_demo(model, runtime=None) -> gr.Blocks:
     c, T = model.config, model.config.timesteps
+    # only a model trained with cond_drop has the unconditional colours that guidance needs, and a progressive
+    # student learned one scale, its teacher's
+    guided = c.cond_drop > 0 and not c.distil_steps
 
     def run(photo, hints, sampler, steps, start, guidance, guidance_first, num_samples, seed, random_seed,
             dynamic_thresholding, progress=gr.Progress()):
@@ -116,6 +119,8 @@ def build_demo(model, runtime=None) -> gr.Blocks:
         start = setting(start, "Sampling start", *START_RANGE)
         guidance, guidance_first = (setting(v, name, *GUIDANCE_RANGE) for v, name in
                                     ((guidance, "Guidance"), (guidance_first, "Guidance at the first step")))
+        if not guided:  # the sliders are hidden: the checkpoint's own scale, whatever a client sends
+            guidance = guidance_first = None
         img = open_upload(photo)
         if random_seed or seed is None:
             seed = random.randrange(2 ** 31)
@@ -188,12 +193,11 @@ def build_demo(model, runtime=None) -> gr.Blocks:
                     start = gr.Slider(*START_RANGE, value=model.config.sample_min_signal, step=0.005,
                                       label="Sampling start (signal level)",
                                       info="lower: bolder colours, more mistakes")
-                    # only a model trained with cond_drop has the unconditional colours that guidance needs
                     guidance = gr.Slider(*GUIDANCE_RANGE, value=c.guidance, step=0.05, label="Guidance",
                                          info="at the steps after the first: higher, bolder colours; 1: none",
-                                         visible=c.cond_drop > 0)
+                                         visible=guided)
                     guidance_first = gr.Slider(*GUIDANCE_RANGE, value=c.guidance_first or c.guidance, step=0.05,
-                                               label="Guidance at the first step", visible=c.cond_drop > 0,
+                                               label="Guidance at the first step", visible=guided,
                                                info="where the colours are chosen: lower than Guidance keeps "
                                                     "faces from outshining the rest; 0: as Guidance")
                     num_samples = gr.Slider(1, MAX_SAMPLES, value=1, step=1, label="Number of samples",

@@ -373,16 +373,23 @@ def _is_colour(img):
     return not is_greyscale(img)
 
 
+def _shown(path):
+    """A path as the user would type it from here: relative, unless that climbs out of this folder."""
+    where = os.path.relpath(path)
+    return os.path.abspath(path) if where.startswith("..") else where
+
+
 def _load(args, device):
     if not os.path.exists(args.checkpoint):
         if os.path.abspath(args.checkpoint) == DEFAULT_CHECKPOINT:
-            where = os.path.relpath(DEFAULT_CHECKPOINT)
-            where = DEFAULT_CHECKPOINT if where.startswith("..") else where
-            raise CheckpointError(f"no model at {where}: train one with train.py, or pass --checkpoint PATH "
-                                  "(e.g. runs/celeba64/ckpt.pt)")
+            raise CheckpointError(f"no model at {_shown(DEFAULT_CHECKPOINT)}: train one with train.py, or pass "
+                                  "--checkpoint PATH (e.g. runs/celeba64/ckpt.pt)")
         raise CheckpointError(f"{args.checkpoint}: no such checkpoint")
     model = load_model(args.checkpoint, device)
     # what the model cannot do, said before anything slow (a conversion for OpenVINO) starts
+    if model.config.distil_steps and (args.guidance is not None or args.guidance_first is not None):
+        raise UsageError(f"{_shown(args.checkpoint)} is a student that learned its teacher's guidance only: for "
+                         f"another scale, use a model that guides (the default, {_shown(DEFAULT_CHECKPOINT)})")
     for guidance in (args.guidance, args.guidance_first or None):  # --guidance-first 0: --guidance's
         if guidance is not None:
             ok, message = guidance_check(guidance, model.config.cond_drop)
@@ -485,8 +492,8 @@ def run_folder(args, device):
         raise UsageError(f"{len(existing)} output(s) exist in {out_dir}, e.g. {existing[0]} "
                          "(pass --overwrite to replace them, or --skip-existing)")
     _check_outputs(existing, inputs, args.overwrite)
+    model = _load(args, device)  # first: a checkpoint that cannot do what was asked leaves no empty folder
     _make_dir(out_dir)
-    model = _load(args, device)
     kwargs = _sampler_kwargs(args)
     runtime = fast_runtime(model, args.runtime)
     per_batch = max(1, args.batch_size // args.num_samples)

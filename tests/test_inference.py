@@ -367,6 +367,17 @@ def test_missing_default_checkpoint(tmp_path, monkeypatch, capsys):
     assert err.startswith("error: no model at") and "--checkpoint" in err and len(err.splitlines()) == 1
 
 
+def test_a_student_refuses_another_guidance(cli, tmp_path):
+    """A progressive student learned its teacher's scale only: --guidance would change nothing, so it is refused
+    with the way to a model that guides, before anything is written."""
+    photo(16, 16).save(tmp_path / "g.png")
+    student = os.path.join(ROOT, "checkpoints", "photos64_distilled.pt")
+    for flag in ("--guidance", "--guidance-first"):
+        code, _, err = cli("--image-path", tmp_path / "g.png", flag, 2, checkpoint=student)
+        assert code == 1 and "student" in err and "photos64.pt" in err and len(err.splitlines()) == 1
+    assert not list(tmp_path.glob("*_color*"))
+
+
 def test_errors_in_a_real_process(tmp_path):
     """A real process: exit status 1, one line on stderr, no traceback, nothing written."""
     photo(16, 16).save(tmp_path / "ok.png")
