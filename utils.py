@@ -88,12 +88,17 @@ def _lab_to_linear(lab: torch.Tensor) -> torch.Tensor:
     return _colour_matrix(_XYZ2RGB * _WHITE, _lab_to_xyz(lab))
 
 
+def _in_gamut(lin: torch.Tensor, dim: int, tol: float) -> torch.Tensor:
+    """Whether each pixel's linear sRGB (channels along `dim`) lies in [0, 1], to within tol."""
+    low, high = torch.aminmax(lin, dim=dim)
+    return (low >= -tol) & (high <= 1 + tol)
+
+
 def _gamut_fit(lab: torch.Tensor, iters: int, tol: float):
     """(fit_to_gamut(lab), its linear sRGB)."""
     lab = lab.float()
     lin = _lab_to_linear(lab)
-    low, high = torch.aminmax(lin, dim=1)
-    bad = (low < -tol) | (high > 1 + tol)  # (N, H, W)
+    bad = ~_in_gamut(lin, 1, tol)  # (N, H, W)
     if not bad.any():
         return lab, lin
     lab, lin = lab.clone(), lin.clone()
@@ -101,9 +106,7 @@ def _gamut_fit(lab: torch.Tensor, iters: int, tol: float):
     lo, hi = torch.zeros(pix.shape[1], device=lab.device), torch.ones(pix.shape[1], device=lab.device)
     for _ in range(iters):
         mid = (lo + hi) / 2
-        trial = _lab_to_linear(torch.cat([pix[:1], pix[1:] * mid])[None, :, :, None])[0, :, :, 0]
-        low, high = torch.aminmax(trial, dim=0)
-        ok = (low >= -tol) & (high <= 1 + tol)
+        ok = _in_gamut(_lab_to_linear(torch.cat([pix[:1], pix[1:] * mid])[None, :, :, None])[0, :, :, 0], 0, tol)
         lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
     fitted = torch.cat([pix[:1], pix[1:] * lo])[None, :, :, None]
     lab.transpose(0, 1)[:, bad] = fitted[0, :, :, 0]
