@@ -127,30 +127,35 @@ def at_hints(out, hint):
     return deltaE_ciede2000(lab_out[mask], lab_hint[mask]).mean()
 
 
-def evaluate(model, photos, batch_size=16, seed=0, runtime=None, hints=None, masks=None, **sampling):
+def evaluate(model, photos, batch_size=16, seed=0, runtime=None, hints=None, masks=None, samples=1, **sampling):
     """photos: colour PIL images. Colorizes each one's PIL greyscale as inference.py does (`runtime`: what runs
-    the networks), with `hints` (per photo, an RGBA hint image) if given; then also the error at the hinted
-    pixels, and the diversity away from them (the mean CIEDE2000 between two samples there). `masks` (per photo,
-    face_mask): the colourfulness bias inside and outside them. Returns ({metric: mean}, outputs)."""
+    the networks), `samples` times (seeds apart), scoring each and averaging; with `hints` (per photo, an RGBA
+    hint image) if given, then also the error at the hinted pixels, and the diversity away from them (the mean
+    CIEDE2000 between two samples there). `masks` (per photo, face_mask): the colourfulness bias inside and
+    outside them. Returns ({metric: mean}, each photo's first output)."""
     greys = [p.convert("L") for p in photos]
-    samples = 1 if hints is None else 2
+    n = samples if hints is None else max(samples, 2)
     outputs = []
     for start in tqdm(range(0, len(photos), batch_size), desc="colorizing", leave=False):
         chunk = slice(start, start + batch_size)
         hint = None if hints is None else [load_hints(h, p.size) if h.getextrema()[3][1] else None
                                            for h, p in zip(hints[chunk], photos[chunk])]
-        seeds = list(range(seed + start, seed + start + len(greys[chunk])))  # a photo's own: its index's
-        outputs += colorize_batch(model, greys[chunk], num_samples=samples, seed=seeds,
-                                  batch_size=batch_size * samples, runtime=runtime, hints=hint, **sampling)
+        # a photo's own seeds, from its index: sample j of photo k is seed + samples * k + j
+        seeds = [seed + samples * k for k in range(start, start + len(greys[chunk]))]
+        outputs += colorize_batch(model, greys[chunk], num_samples=n, seed=seeds,
+                                  batch_size=batch_size * n, runtime=runtime, hints=hint, **sampling)
     rows = []
     for k, (photo, grey, outs) in enumerate(zip(photos, greys, outputs)):
-        truth, out = np.asarray(photo), np.asarray(outs[0])
-        row = scores(out, truth) + scores(np.asarray(grey.convert("RGB")), truth) + (colourfulness(truth),)
-        row += ((colourfulness_bias(out, truth, masks[k]), colourfulness_bias(out, truth, ~masks[k]))
-                if masks is not None else (np.nan, np.nan))
+        truth, outs = np.asarray(photo), [np.asarray(o) for o in outs]
+        # each sample's scores, averaged: with a few seeds a side-by-side comparison is not one draw's luck
+        own = np.mean([scores(o, truth) + ((colourfulness_bias(o, truth, masks[k]),
+                                            colourfulness_bias(o, truth, ~masks[k])) if masks is not None else
+                                           (np.nan, np.nan)) for o in outs[:samples]], axis=0)
+        row = (*own[:4], *scores(np.asarray(grey.convert("RGB")), truth), colourfulness(truth), *own[4:])
         if hints is not None:
             away = np.asarray(hints[k])[..., 3] == 0
-            row += (at_hints(out, hints[k]), deltaE_ciede2000(rgb2lab(out), rgb2lab(np.asarray(outs[1])))[away].mean())
+            row += (np.mean([at_hints(o, hints[k]) for o in outs[:samples]]),
+                    deltaE_ciede2000(rgb2lab(outs[0]), rgb2lab(outs[1]))[away].mean())
         rows.append(row)
     names = ("psnr", "de", "gross", "cf", "psnr_grey", "de_grey", "gross_grey", "cf_grey", "cf_truth", "bias_face",
              "bias_rest", "hint_de", "diversity")
@@ -262,15 +267,18 @@ def main(argv=None):
     add_sampling_args(p)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=int, default=1, help="colorizations of each photo (seeds apart), each scored, "
+                   "the scores averaged: side-by-side differences of a tenth of a point are otherwise one draw's luck")
     p.add_argument("--device", default="auto")
     p.add_argument("--runtime", choices=("auto", "openvino", "torch"), default="auto", help="as in inference.py")
     p.add_argument("--out", default="eval")
     args = p.parse_args(argv)
     check_sampling_args(p, args)
     views = list(dict.fromkeys(args.views.split(",") if args.views else VIEWS + SCENE_VIEWS))
-    if not set(views) <= set(VIEWS + SCENE_VIEWS) or args.num_images < 1 or not 1 <= args.batch_size <= 1024:
+    if not set(views) <= set(VIEWS + SCENE_VIEWS) or args.num_images < 1 or not 1 <= args.batch_size <= 1024 \
+            or not 1 <= args.samples <= 64:
         p.error(f"--views must name some of {', '.join(dict.fromkeys(VIEWS + SCENE_VIEWS))}; --num-images must be "
-                "at least 1, --batch-size from 1 to 1024")
+                "at least 1, --batch-size from 1 to 1024, --samples from 1 to 64")
     if not (args.data or args.scene_data):
         p.error("give the photos to evaluate on: --data (portraits), --scene-data (scenes), or both")
     try:
@@ -316,7 +324,8 @@ def main(argv=None):
             photos = sets[0][1]
             for n in clicks:
                 hints = [simulated_hints(p, n, np.random.default_rng([args.seed, k])) for k, p in enumerate(photos)]
-                m, outputs = evaluate(model, photos, args.batch_size, args.seed, runtime, hints, **sampling)
+                m, outputs = evaluate(model, photos, args.batch_size, args.seed, runtime, hints, samples=args.samples,
+                                      **sampling)
                 results.append((label, n, m))
                 shown_hints = [Image.alpha_composite(p.convert("L").convert("RGBA"), h) for p, h in zip(photos, hints)]
                 rows += [shown_hints, outputs]
@@ -328,7 +337,8 @@ def main(argv=None):
             for name in split_views:
                 framed = [view(photo, name, k) for k, photo in enumerate(photos)]
                 masks = [face_mask(photo, name, k) for k, photo in enumerate(photos)] if faces else None
-                m, outputs = evaluate(model, framed, args.batch_size, args.seed, runtime, masks=masks, **sampling)
+                m, outputs = evaluate(model, framed, args.batch_size, args.seed, runtime, masks=masks,
+                                      samples=args.samples, **sampling)
                 results.append((label, f"{split}: {name}" if len(sets) > 1 else name, m))
                 rows += [[f.convert("L") for f in framed], outputs, framed]
                 print(f"{split} {name}, {label}: PSNR {m['psnr']:.2f} dE00 {m['de']:.2f} gross "
@@ -341,8 +351,9 @@ def main(argv=None):
     else:
         md = table(results)
     with open(os.path.join(args.out, "hints.md" if clicks is not None else "eval.md"), "w") as f:
+        seeds = f"seed {args.seed}" + (f", {args.samples} samples a photo" if args.samples > 1 else "")
         f.write(f"{' and '.join(f'{len(photos)} photos of {split}' for split, photos, _, _ in sets)} "
-                f"(offset {args.offset}), seed {args.seed}, greyscale by PIL\n\n{md}\n")
+                f"(offset {args.offset}), {seeds}, greyscale by PIL\n\n{md}\n")
     grid(rows).save(os.path.join(args.out, "grid.png"))
     print(md)
 

@@ -7,6 +7,7 @@ from PIL import Image
 
 import evaluate
 from conftest import open_image
+from model import load_model
 
 
 def test_metrics_on_known_images():
@@ -73,7 +74,8 @@ def test_evaluate_writes_table_and_grid_for_several_checkpoints(tiny_checkpoint,
     assert "–" not in whole and tight[0] != "–" and tight[1] == "–"
     grid = open_image(out / "grid.png")
     assert grid.height > 2 * 2 * 3 * 90  # greyscale | ours | truth for each view and checkpoint
-    for bad in (["--views", "sideways"], ["--guidance", "-1"], ["--num-images", "0"], ["--batch-size", "0"]):
+    for bad in (["--views", "sideways"], ["--guidance", "-1"], ["--num-images", "0"], ["--batch-size", "0"],
+                ["--samples", "0"]):
         with pytest.raises(SystemExit) as e:
             evaluate.main(paths + ["--data", str(photo_dir)] + bad)
         assert e.value.code == 2
@@ -98,6 +100,18 @@ def test_scenes_are_reported_beside_portraits_with_views_of_their_own(tiny_check
                                                                      "of scenes")
     assert rows["scenes: whole"].rstrip(" |").endswith("– / –")
     assert "– / –" not in rows[f"{photo_dir.name}: whole"]
+
+
+def test_samples_average_the_scores_of_several_seeds(tiny_checkpoint, photo_dir):
+    """--samples N scores N colorizations of each photo (seeds seed, seed + 1, ...) and averages them: for one
+    photo, the mean of the runs at each seed alone (up to batching's float rounding)."""
+    model = load_model(tiny_checkpoint())
+    photo = evaluate.load_photos(str(photo_dir), 1, 0)
+    both, outputs = evaluate.evaluate(model, photo, seed=5, samples=2, steps=2)
+    alone = [evaluate.evaluate(model, photo, seed=s, steps=2)[0] for s in (5, 6)]
+    assert alone[0]["psnr"] != alone[1]["psnr"] and len(outputs) == 1  # two draws, one output shown
+    for k in ("psnr", "de", "cf", "psnr_grey"):
+        assert both[k] == pytest.approx((alone[0][k] + alone[1][k]) / 2, rel=1e-3), k
 
 
 def test_offset_chooses_other_photos(photo_dir):
