@@ -104,6 +104,13 @@ def scores(out, truth):
     return psnr, de.mean(), (de > GROSS).mean(), colourfulness(out)
 
 
+def sample_scores(out, truth, face=None):
+    """scores(out, truth), then the colourfulness bias inside and outside the `face` mask (nan without one)."""
+    bias = (np.nan, np.nan) if face is None else (colourfulness_bias(out, truth, face),
+                                                  colourfulness_bias(out, truth, ~face))
+    return scores(out, truth) + bias
+
+
 def simulated_hints(photo: Image.Image, n, rng, size=5) -> Image.Image:
     """A simulated user (as Zhang et al. 2017 evaluate): n random squares of `size` pixels revealed in the
     photo's true mean colour there, as an RGBA hint image (inference.load_hints reads it)."""
@@ -147,10 +154,9 @@ def evaluate(model, photos, batch_size=16, seed=0, runtime=None, hints=None, mas
     rows = []
     for k, (photo, grey, outs) in enumerate(zip(photos, greys, outputs)):
         truth, outs = np.asarray(photo), [np.asarray(o) for o in outs]
+        face = None if masks is None else masks[k]
         # each sample's scores, averaged: with a few seeds a side-by-side comparison is not one draw's luck
-        own = np.mean([scores(o, truth) + ((colourfulness_bias(o, truth, masks[k]),
-                                            colourfulness_bias(o, truth, ~masks[k])) if masks is not None else
-                                           (np.nan, np.nan)) for o in outs[:samples]], axis=0)
+        own = np.mean([sample_scores(o, truth, face) for o in outs[:samples]], axis=0)
         row = (*own[:4], *scores(np.asarray(grey.convert("RGB")), truth), colourfulness(truth), *own[4:])
         if hints is not None:
             away = np.asarray(hints[k])[..., 3] == 0
