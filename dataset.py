@@ -162,7 +162,8 @@ def grey_to_l(grey):
 
 class PhotoDataset(Dataset):
     """Training examples from cached photos. An item is (index, h, w): the batch's shape travels with each
-    index (see make_loader). Returns (3, h, w): the L of a greyscale version, then the true ab (normalized LAB).
+    index (see make_loader). Returns ((3, h, w), scene): the L of a greyscale version, then the true ab
+    (normalized LAB); and whether it came from a scene folder (a student's targets may treat it otherwise).
     With `train`, the crop and the greyscale are random (drawn from (seed, epoch, index)); without, the photo's
     centre at the batch's aspect, and LAB's own L.
     `parts`: [(count, weight, scene)] of the folders `images` concatenates, in order (default: one folder of
@@ -192,11 +193,11 @@ class PhotoDataset(Dataset):
             s = min(H / h, W / w)
             crop = TF.resized_crop(img, round((H - h * s) / 2), round((W - w * s) / 2), round(h * s), round(w * s),
                                    [h, w], antialias=True)
-            return rgb_to_lab(crop[None].float() / 255)[0]
+            return rgb_to_lab(crop[None].float() / 255)[0], scene
         g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
         rgb = random_crop(img, h, w, g, self.scene_crop_area if scene else self.crop_area, scene).float() / 255
         lab = rgb_to_lab(rgb[None])[0]
-        return torch.cat([grey_to_l(random_greyscale(rgb, g)), lab[1:]])
+        return torch.cat([grey_to_l(random_greyscale(rgb, g)), lab[1:]]), scene
 
 
 def mix_order(parts, seed, epoch):

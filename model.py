@@ -105,6 +105,11 @@ class Config:
     distil_steps: int = _field(0, "with --teacher, also fewer steps (progressive distillation, Salimans & Ho "
                                   "2022): the student samples in this many DDIM steps, each one learning two "
                                   "of the teacher's own deterministic ones (distil_grid); 0 = guidance alone")
+    distil_scene_guidance: float = _field(0.0, "with --distil-steps: the teacher's guidance for the targets of "
+                                               "--scene-data examples, whose colours a face's bold scale gets "
+                                               "wrong more often; the student tells them apart by L alone. "
+                                               "0 = the teacher's own, as for portraits")
+    distil_scene_guidance_first: float = _field(0.0, "and its first step's scale there; 0 = the teacher's own")
     # data
     data: tuple = _field(("img_align_celeba",), "folders of colour portraits, comma-separated, each FOLDER or "
                                                "FOLDER:WEIGHT (its share of the examples; default 1)")
@@ -158,6 +163,11 @@ class Config:
             (self.guidance_input or not self.teacher, "a student of --teacher needs --guidance-input true"),
             (self.distil_steps == 0 or (self.teacher and self.distil_steps >= 2),
              "distil_steps needs a --teacher, and at least 2 steps (from 1 there is nothing to halve)"),
+            (self.distil_steps or not (self.distil_scene_guidance or self.distil_scene_guidance_first),
+             "distil_scene_guidance needs distil_steps"),
+            range_check(self.distil_scene_guidance, "distil_scene_guidance", *SAMPLING_LIMITS["guidance"]),
+            range_check(self.distil_scene_guidance_first, "distil_scene_guidance_first",
+                        *SAMPLING_LIMITS["guidance_first"]),
             guidance_check(self.guidance, self.cond_drop),
             guidance_check(self.guidance_first or 1, self.cond_drop),
             interval_check(self.guidance_interval, "guidance_interval"),
@@ -413,12 +423,12 @@ class ColorDiffusion(nn.Module):
         self.encoder = GreyscaleEncoder(**args)
         self.register_buffer("alphas_cumprod", SCHEDULES[config.schedule](config.timesteps), persistent=False)
 
-    def forward(self, lab, t=None, noise=None, teacher=None):
+    def forward(self, lab, t=None, noise=None, teacher=None, scene=None):
         """Training loss for a batch of normalized LAB images (N, 3, H, W): MSE of the predicted ab noise, or
         with a `teacher` (distillation) of its guided prediction at a random scale w, or, with
         config.distil_steps, of the noise with which one DDIM step lands where two of the teacher's own
-        (two_steps_eps) do. Random timesteps (with distil_steps: a point of the student's grid) and noise unless
-        given.
+        (two_steps_eps) do, at config.distil_scene_guidance for the rows `scene` (bool, N) marks. Random
+        timesteps (with distil_steps: a point of the student's grid) and noise unless given.
         `forward` is the loss so that DistributedDataParallel wraps it."""
         c = self.config
         L, ab = lab[:, :1], lab[:, 1:] * c.ab_scale
@@ -448,6 +458,9 @@ class ColorDiffusion(nn.Module):
             target = noise
         elif halve:
             target = teacher.two_steps_eps(inputs, grid, i)
+            if scene is not None and scene.any() and (c.distil_scene_guidance or c.distil_scene_guidance_first):
+                target[scene] = teacher.two_steps_eps(inputs[scene], grid, i, c.distil_scene_guidance or None,
+                                                      c.distil_scene_guidance_first or None)
         else:
             target = teacher.guided_eps(inputs, t, w)
         loss = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
@@ -476,14 +489,14 @@ class ColorDiffusion(nn.Module):
         return uncond + w.view(-1, 1, 1, 1) * (cond - uncond)
 
     @torch.no_grad()
-    def two_steps_eps(self, inputs, grid, i):
+    def two_steps_eps(self, inputs, grid, i, guidance=None, guidance_first=None):
         """Progressive distillation's target (Salimans & Ho 2022): from UNet inputs (L, x_t, [hints]) at point i
         of a grid of this model's sampling_schedule() (distil_grid), two deterministic DDIM steps of its own
-        sampling (sampling_denoiser: its guidance scales, the first step's own, its antithetic start; one step,
-        into the clean sample, from the grid's last point), and the eps with which a single DDIM step from x_t
-        lands there."""
+        sampling (sampling_denoiser: its guidance scales, unless given, the first step's own, its antithetic
+        start; one step, into the clean sample, from the grid's last point), and the eps with which a single
+        DDIM step from x_t lands there."""
         s, L, x_t = self.config.ab_scale, inputs[:, :1], inputs[:, 1:3].float()
-        denoise, _ = self.sampling_denoiser(L, self.sampling_schedule())
+        denoise, _ = self.sampling_denoiser(L, self.sampling_schedule(), guidance, guidance_first=guidance_first)
         x = x_t
         for t, a, a_next in grid[i:i + 2]:
             x0, eps = denoised(denoise, x, t, a, lambda x0: x0.clamp(-s, s))

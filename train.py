@@ -81,7 +81,7 @@ def evaluate(ema, val, device, amp, n_loss=256, n_samples=8):
     photos' centres, the shape whole CelebA photos are run at."""
     g = torch.Generator(device).manual_seed(1234)
     h, w = batch_shape(ema.config.image_size, 1.25)
-    batch = torch.stack([val[(i, h, w)] for i in range(min(n_loss, len(val)))]).to(device)
+    batch = torch.stack([val[(i, h, w)][0] for i in range(min(n_loss, len(val)))]).to(device)
     losses = []
     with amp:
         for chunk in batch.split(64):
@@ -236,7 +236,7 @@ def main(argv=None):
     try:
         while step < config.max_steps:
             epoch, skip = divmod(step, steps_per_epoch)
-            for batch in make_loader(train_ds, local_batch, config.image_size, epoch, skip, rank, world,
+            for batch, scene in make_loader(train_ds, local_batch, config.image_size, epoch, skip, rank, world,
                                      config.seed, config.num_workers):
                 # seed from (step, rank): timesteps, noise and dropout are a function of where we are,
                 # so a resumed run draws exactly what the uninterrupted one would have
@@ -245,7 +245,7 @@ def main(argv=None):
                     group["lr"] = lr_at(step, config)
                 batch = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 with amp:
-                    loss = net(batch, teacher=teacher)
+                    loss = net(batch, teacher=teacher, scene=scene.to(device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)

@@ -72,15 +72,16 @@ def test_an_example_is_a_greyscale_L_and_the_true_ab(shared_cache, photo_dir):
     images, _ = dataset.build_cache(str(photo_dir), 16, str(shared_cache))
     ds = dataset.PhotoDataset(images, train=True, seed=0)
     for i in range(len(images)):
-        x = ds[(i, 24, 16)]
+        x, scene = ds[(i, 24, 16)]
+        assert scene is False  # one folder of portraits
         assert x.shape == (3, 24, 16) and x[0].min() >= -1 and x[0].max() <= 1
         # ab is the crop's own colour: the L channel alone carries the greyscale's changes. Check it by
         # converting the example back: its chroma is that of a colour photo, not of a grey one
         assert x[1:].abs().mean() > 0.02
     # validation examples: the centre at the batch's aspect, LAB's own L, no randomness
     plain = dataset.PhotoDataset(images)
-    assert torch.equal(plain[(2, 24, 16)], plain[(2, 24, 16)])
-    crop = plain[(2, 32, 16)]
+    assert torch.equal(plain[(2, 24, 16)][0], plain[(2, 24, 16)][0])
+    crop = plain[(2, 32, 16)][0]
     rgb = utils.lab_to_rgb(crop[None])
     assert crop.shape == (3, 32, 16) and (utils.rgb_to_lab(rgb)[0] - crop).abs().max() < 0.02
 
@@ -90,12 +91,12 @@ def test_augmentation_is_a_function_of_seed_epoch_index(shared_cache, photo_dir)
     a, b = dataset.PhotoDataset(images, train=True, seed=3), dataset.PhotoDataset(images, train=True, seed=3)
     a.set_epoch(2), b.set_epoch(2)
     for i in (0, 5, 11):
-        assert torch.equal(a[(i, 16, 16)], b[(i, 16, 16)])
+        assert torch.equal(a[(i, 16, 16)][0], b[(i, 16, 16)][0])
     b.set_epoch(3)
-    assert any(not torch.equal(a[(i, 16, 16)], b[(i, 16, 16)]) for i in range(len(images)))
+    assert any(not torch.equal(a[(i, 16, 16)][0], b[(i, 16, 16)][0]) for i in range(len(images)))
     c = dataset.PhotoDataset(images, train=True, seed=4)
     c.set_epoch(2)
-    assert any(not torch.equal(a[(i, 16, 16)], c[(i, 16, 16)]) for i in range(len(images)))
+    assert any(not torch.equal(a[(i, 16, 16)][0], c[(i, 16, 16)][0]) for i in range(len(images)))
 
 
 def test_crop_area_sets_how_much_of_the_photo_a_crop_shows():
@@ -136,9 +137,10 @@ def test_make_loader_shards_skips_and_gives_each_batch_one_shape(shared_cache, p
     ds = dataset.PhotoDataset(images)
 
     def run(**kw):
-        return list(dataset.make_loader(ds, 4, 16, **{"epoch": 1, "seed": 0, **kw}))
+        return [batch for batch, scene in dataset.make_loader(ds, 4, 16, **{"epoch": 1, "seed": 0, **kw})]
 
     full = run()
+    assert all(scene.tolist() == [False] * 4 for _, scene in dataset.make_loader(ds, 4, 16))  # each example's kind
     assert len(full) == N_IMAGES // 4
     assert {tuple(b.shape[-2:]) for b in full} <= {dataset.batch_shape(16, a) for a in dataset.ASPECTS}
     assert len({tuple(b.shape[-2:]) for e in range(8) for b in run(epoch=e)}) > 1, "rectangles too"
@@ -196,7 +198,9 @@ def test_load_split_mixes_portraits_and_scenes(shared_cache, photo_dir, tmp_path
     train_ds.set_epoch(1)
     shown = [train_ds.scene[j] for j in train_ds.order]
     assert abs(sum(shown) - 0.75 * len(shown)) <= 1  # scenes weigh 3 to the portraits' 1
-    assert all(train_ds[(i, 16, 24)].shape == (3, 16, 24) for i in range(len(train_ds)))
+    items = [train_ds[(i, 16, 24)] for i in range(len(train_ds))]
+    assert all(x.shape == (3, 16, 24) for x, _ in items)
+    assert [scene for _, scene in items] == shown  # each example says which kind of folder it came from
     # the colour sampling starts from: each folder's mean at its share
     faces, rest = train_ds.images[:n_faces], train_ds.images[n_faces:]
     expected = 0.25 * dataset.mean_ab(faces) + 0.75 * dataset.mean_ab(rest)

@@ -50,7 +50,7 @@ def test_short_training_run_lowers_the_loss(photo_dir, shared_cache, tmp_path):
     assert ckpt["step"] == 100 and Config.from_dict(ckpt["config"]).dim_mults == (1, 2)
     images, _ = dataset.build_cache(str(photo_dir), 16, str(shared_cache))
     plain = dataset.PhotoDataset(images)
-    lab = torch.stack([plain[(i, 16, 16)] for i in range(len(images))])
+    lab = torch.stack([plain[(i, 16, 16)][0] for i in range(len(images))])
     config = Config.from_dict(ckpt["config"])
     torch.manual_seed(0)
     untrained = ColorDiffusion(config).eval()
@@ -312,7 +312,7 @@ def test_guidance_distillation_learns_the_teachers_guided_prediction_in_one_pass
     start = ColorDiffusion(student.config).eval()  # the student at step 0: the teacher, and a zero guidance_mlp
     assert start.load_state_dict(teacher.state_dict(), strict=False).missing_keys[0].startswith("unet.guidance_mlp")
     images, _ = dataset.build_cache(str(photo_dir), 16, str(shared_cache))
-    lab = torch.stack([dataset.PhotoDataset(images)[(i, 16, 16)] for i in range(8)])
+    lab = torch.stack([dataset.PhotoDataset(images)[(i, 16, 16)][0] for i in range(8)])
     L, x = lab[:, :1], torch.randn(8, 2, 16, 16)
     with torch.no_grad():
         assert torch.allclose(start.denoiser(L, guidance=2.5)(x, 10), teacher.denoiser(L)(x, 10), atol=1e-5)
@@ -363,6 +363,40 @@ def test_two_steps_target_lands_where_two_of_the_teachers_own_steps_land(spacing
         assert gap < 1e-4, (i, gap)
 
 
+def test_a_students_scene_examples_learn_the_teacher_at_their_own_scale(monkeypatch):
+    """--distil-scene-guidance: the targets of the batch's scene rows are the teacher's own two steps at that
+    scale (as a teacher whose defaults those are takes them), the portraits' at the teacher's; the student's
+    scale input is the same for both (it tells them apart by L alone)."""
+    torch.manual_seed(0)
+    kw = dict(dim=8, dim_mults=(1, 2), timesteps=51, sample_antithetic=True, sample_spacing="trailing")
+    teacher = ColorDiffusion(Config(**kw, guidance=2.0, guidance_first=1.5)).eval()
+    at_scene_scale = ColorDiffusion(Config(**kw, guidance=1.2, guidance_first=1.1)).eval()
+    at_scene_scale.load_state_dict(teacher.state_dict())
+    student = ColorDiffusion(Config(**kw, guidance_input=True, teacher="t.pt", distil_steps=2, min_snr_gamma=0,
+                                    snr_floor=0, distil_scene_guidance=1.2, distil_scene_guidance_first=1.1)).eval()
+    lab, scene = torch.rand(4, 3, 16, 16) * 2 - 1, torch.tensor([True, False, True, False])
+    calls, outputs = [], []
+    own = teacher.two_steps_eps
+    monkeypatch.setattr(teacher, "two_steps_eps", lambda *a, **k: calls.append(a) or own(*a, **k))
+    student.unet.register_forward_hook(lambda m, i, o: outputs.append((i[3], o)))
+
+    def loss(scene):
+        torch.manual_seed(1)
+        return student(lab, teacher=teacher, scene=scene).item()
+    assert loss(None) == loss(torch.zeros(4, dtype=torch.bool))
+    mixed = loss(scene)
+    inputs, grid, i = calls[-2]
+    expected = own(inputs, grid, i)
+    at_scene = at_scene_scale.two_steps_eps(inputs[scene], grid, i)
+    assert (at_scene - expected[scene]).abs().max() > 0.01  # the scales differ enough to tell
+    expected[scene] = at_scene
+    w, pred = outputs[-1]
+    assert w.tolist() == [2.0] * 4
+    assert mixed == pytest.approx((pred - expected).pow(2).mean().item(), rel=1e-5)
+    with pytest.raises(ValueError, match="distil_scene_guidance needs distil_steps"):
+        Config(distil_scene_guidance=2.0)
+
+
 def test_progressive_distillation_halves_the_steps(photo_dir, shared_cache, tmp_path):
     """--distil-steps N: the student learns in N deterministic DDIM steps what the guided teacher does in
     2N - 1, in one UNet pass each, and its checkpoint samples that way."""
@@ -380,7 +414,7 @@ def test_progressive_distillation_halves_the_steps(photo_dir, shared_cache, tmp_
     start = ColorDiffusion(c).eval()
     start.load_state_dict(teacher.state_dict(), strict=False)
     images, _ = dataset.build_cache(str(photo_dir), 16, str(shared_cache))
-    lab = torch.stack([dataset.PhotoDataset(images)[(i, 16, 16)] for i in range(8)])
+    lab = torch.stack([dataset.PhotoDataset(images)[(i, 16, 16)][0] for i in range(8)])
 
     def loss(m):  # the distillation loss at fixed points, noise and scales
         torch.manual_seed(0)
