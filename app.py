@@ -1,7 +1,7 @@
 """A local web page for colorizing greyscale photos (faces, and the world around them) with Color Diffusion.
 
-    python app.py                                  # http://127.0.0.1:7860, checkpoints/photos64.pt
-    python app.py --checkpoint runs/celeba64/ckpt.pt --port 8000
+    python app.py                                  # http://127.0.0.1:7860, checkpoints/photos64_distilled.pt
+    python app.py --checkpoint checkpoints/photos64.pt --port 8000  # its teacher: 8 passes, guidance sliders
     python app.py --host 0.0.0.0                   # reachable from other machines (only when asked)
     python app.py --share                          # a temporary public gradio.live link (needs internet)
 
@@ -117,10 +117,11 @@ def build_demo(model, runtime=None) -> gr.Blocks:
         steps, num_samples = (int(setting(v, name, 1, high)) for v, name, high in
                               ((steps, "Sampling steps", T), (num_samples, "Number of samples", MAX_SAMPLES)))
         start = setting(start, "Sampling start", *START_RANGE)
-        guidance, guidance_first = (setting(v, name, *GUIDANCE_RANGE) for v, name in
-                                    ((guidance, "Guidance"), (guidance_first, "Guidance at the first step")))
-        if not guided:  # the sliders are hidden: the checkpoint's own scale, whatever a client sends
-            guidance = guidance_first = None
+        if guided:
+            guidance, guidance_first = (setting(v, name, *GUIDANCE_RANGE) for v, name in
+                                        ((guidance, "Guidance"), (guidance_first, "Guidance at the first step")))
+        else:  # the sliders are hidden: the checkpoint's own scale (a student's may lie above their range),
+            guidance = guidance_first = None  # whatever a client sends
         img = open_upload(photo)
         if random_seed or seed is None:
             seed = random.randrange(2 ** 31)

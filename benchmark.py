@@ -9,8 +9,8 @@
 2. Seconds per photo, and the ratio to the original project's loop, at batch 1 and in a folder (batch 16):
    the original's loop (its size: dim 128, mults 1,2,3,3; the encoder run at every one of 350 steps, float32),
    our faithful DDPM loop, the previous default (DDIM 100, guided) and the shipped default (the checkpoint's
-   sampler, OpenVINO on a CPU). The slow loops are extrapolated from timed steps; the shipped default is run,
-   and also on a 4000x2667 scan.
+   sampler, OpenVINO on a CPU; a distilled student's loops are its teacher's, and its teacher is run too).
+   The slow loops are extrapolated from timed steps; the shipped default is run, and also on a 4000x2667 scan.
 3. The whole command, as a user runs it: `python inference.py` on one photo, and on a folder of 32.
 4. The web page: app.py started, the seconds from a Colorize request to its result (gradio_client, through the
    page's queue, as the browser sends it).
@@ -160,39 +160,47 @@ def main(argv=None):
     print("| sampler | UNet passes | batch 1: s/photo | ratio | folder (batch 16): s/photo | ratio |")
     print("|---|---|---|---|---|---|")
     original = ColorDiffusion(ORIGINAL).eval().to(device)
-    n_ddpm = len(model.sampling_schedule())
-    paired = {} if c.guidance_input else guidance_scales(model.alphas_cumprod, c.guidance, c.guidance_interval,
-                                                         (n_ddpm - 1, c.guidance_first or c.guidance))
+    # a distilled student learned 2-step jumps of its teacher's guided sampling: the step-by-step loops are the
+    # teacher's, and the teacher's own sampling is run beside the student's
+    teacher = load_model(inference.TEACHER_CHECKPOINT, device) if c.distil_steps else model
+    tc, n_ddpm = teacher.config, len(teacher.sampling_schedule())
 
-    def unet_steps(steps, spacing=c.sample_spacing):  # (UNet evaluations, of them guided pairs) of one sample;
+    def unet_steps(m, steps, spacing):  # (UNet evaluations, of them guided pairs) of one sample of model m;
         # a student runs once at a guided step, and an antithetic start evaluates its first step twice
-        ts = [t for t, _, _ in timesteps(model.sampling_schedule(), steps, spacing)]
-        ts += ts[:1] if c.sample_antithetic else []
+        mc, ac = m.config, m.sampling_schedule()
+        paired = {} if mc.guidance_input else guidance_scales(m.alphas_cumprod, mc.guidance, mc.guidance_interval,
+                                                              (len(ac) - 1, mc.guidance_first or mc.guidance))
+        ts = [t for t, _, _ in timesteps(ac, steps, spacing)]
+        ts += ts[:1] if mc.sample_antithetic else []
         return len(ts), sum(t in paired for t in ts)
-    n, k = unet_steps(n_ddpm, "linspace")
+    n, k = unet_steps(teacher, n_ddpm, "linspace")
     rows = [("the original's loop (dim 128, 350 steps, encoder every step, float32)", 350,
              [per_photo(original, device, b, 350, False, False, repeats, True) for b in (1, 16)]),
-            (f"our DDPM loop ({n_ddpm} steps{', the first twice' if c.sample_antithetic else ''}: "
+            (f"our DDPM loop ({n_ddpm} steps{', the first twice' if tc.sample_antithetic else ''}: "
              f"{k} of {n} UNet evaluations guided)", n + k,
-             [per_photo(model, device, b, k, True, use_amp, repeats) +
-              per_photo(model, device, b, n - k, False, use_amp, repeats) for b in (1, 16)]),
+             [per_photo(teacher, device, b, k, True, use_amp, repeats) +
+              per_photo(teacher, device, b, n - k, False, use_amp, repeats) for b in (1, 16)]),
             ("previous default: DDIM 100, eta 1, guidance 1.1, PyTorch, at the training size", 200,
-             [per_photo(model, device, b, 100, True, use_amp, repeats, size=c.image_size) for b in (1, 16)])]
-    # the shipped default, run for real through colorize_batch: encoder, sampler, recombination at full size
+             [per_photo(teacher, device, b, 100, True, use_amp, repeats, size=tc.image_size) for b in (1, 16)])]
+    # the shipped default (and a student's teacher), run for real through colorize_batch: encoder, sampler,
+    # recombination at full size
     rng = np.random.default_rng(0)
     photos = [Image.fromarray(rng.integers(0, 256, PHOTO, dtype=np.uint8), "L") for _ in range(16)]
-    real = []
-    for batch in (1, 16):
-        run = lambda: inference.colorize_batch(model, photos[:batch], seed=0, batch_size=batch)  # noqa
-        real.append(median_time(run, device, max(1, repeats // (1 if batch == 1 else 3)), 20.0) / batch)
-    default = f"{c.sampler} {c.sample_steps}" + (" (trailing)" if c.sample_spacing == "trailing" else "") + \
-        (f", eta {c.sample_eta}" if c.sampler != "ddim" or c.sample_eta else "")
-    guidance = f", guidance {c.guidance}" + (" (distilled: one pass)" if c.guidance_input else "") + \
-        (f" ({c.guidance_first} at the first step)" if c.guidance_first not in (0, c.guidance) else "") + \
-        (f" at signal {c.guidance_interval[0]}-{c.guidance_interval[1]}" if c.guidance_interval != (0, 1) else "")
-    rows.append((f"**shipped default: {default}{guidance if c.guidance != 1 else ''}"
-                 f"{', antithetic start' if c.sample_antithetic else ''}, "
-                 f"{'OpenVINO' if ov else 'PyTorch'}** (run, not extrapolated)", sum(unet_steps(c.sample_steps)), real))
+    for m, label in ([(teacher, "its teacher")] if teacher is not model else []) + [(model, "shipped default")]:
+        real, mc = [], m.config
+        for batch in (1, 16):
+            run = lambda: inference.colorize_batch(m, photos[:batch], seed=0, batch_size=batch)  # noqa
+            real.append(median_time(run, device, max(1, repeats // (1 if batch == 1 else 3)), 20.0) / batch)
+        sampler = f"{mc.sampler} {mc.sample_steps}" + (" (trailing)" if mc.sample_spacing == "trailing" else "") + \
+            (f", eta {mc.sample_eta}" if mc.sampler != "ddim" or mc.sample_eta else "")
+        guidance = f", guidance {mc.guidance}" + (" (distilled: one pass)" if mc.guidance_input else "") + \
+            (f" ({mc.guidance_first} at the first step)" if mc.guidance_first not in (0, mc.guidance) else "") + \
+            (f" at signal {mc.guidance_interval[0]}-{mc.guidance_interval[1]}" if mc.guidance_interval != (0, 1)
+             else "")
+        rows.append((f"**{label}: {sampler}{guidance if mc.guidance != 1 else ''}"
+                     f"{', antithetic start' if mc.sample_antithetic else ''}, "
+                     f"{'OpenVINO' if ov else 'PyTorch'}** (run, not extrapolated)",
+                     sum(unet_steps(m, mc.sample_steps, mc.sample_spacing)), real))
     base = rows[0][2]
     for name, passes, (one, folder) in rows:
         print(f"| {name} | {passes} | {one:.3f} | {base[0] / one:.0f}x | {folder:.3f} | {base[1] / folder:.0f}x |",

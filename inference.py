@@ -36,7 +36,8 @@ from utils import (GREY_LIGHTNESS, IMAGE_EXTENSIONS, ArgumentParser, ImageError,
                    save_image, use_bf16)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CHECKPOINT = os.path.join(HERE, "checkpoints", "photos64.pt")
+DEFAULT_CHECKPOINT = os.path.join(HERE, "checkpoints", "photos64_distilled.pt")  # 2 UNet passes a photo
+TEACHER_CHECKPOINT = os.path.join(HERE, "checkpoints", "photos64.pt")  # its teacher: 8 passes, any guidance, --ddpm
 DEFAULT_BATCH = 16
 STRIP_PIXELS = 1 << 19  # recombine() works on horizontal strips of about this many pixels
 SAVE_PARAMS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}}  # PIL's default JPEG quality 75 blurs L
@@ -281,7 +282,10 @@ def parse_args(argv=None):
     p = ArgumentParser(description="Colorize greyscale photos (a file or every image in a folder) with Color "
                        "Diffusion.")
     p.add_argument("--image-path", required=True, help="an image, or a folder of images")
-    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="model checkpoint (.pt)")
+    p.add_argument("--checkpoint", help="model checkpoint (.pt). Default: checkpoints/photos64_distilled.pt "
+                   "(2 UNet passes), or its teacher with --teacher or --ddpm")
+    p.add_argument("--teacher", action="store_true", help="the default's teacher, checkpoints/photos64.pt: the "
+                   "colours the default learned, in 8 UNet passes (4x the time), and any --guidance")
     p.add_argument("--output", help="output file (its extension picks the format: .png .jpg .webp .tif .bmp) "
                    "or folder. Default: ./<name>_color.<ext> for a file, <folder>_color/ for a folder")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (inputs never are)")
@@ -311,6 +315,10 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be from 1 to {high}")
     if args.skip_existing and args.overwrite:
         p.error("--skip-existing and --overwrite contradict each other")
+    if args.teacher and args.checkpoint:
+        p.error("--teacher is a checkpoint: pass --teacher or --checkpoint, not both")
+    if not args.checkpoint:  # the faithful loop is the teacher's: a student learned a 2-pass jump, not each step
+        args.checkpoint = TEACHER_CHECKPOINT if args.teacher or args.sampler == "ddpm" else DEFAULT_CHECKPOINT
     return args
 
 
@@ -381,15 +389,15 @@ def _shown(path):
 
 def _load(args, device):
     if not os.path.exists(args.checkpoint):
-        if os.path.abspath(args.checkpoint) == DEFAULT_CHECKPOINT:
-            raise CheckpointError(f"no model at {_shown(DEFAULT_CHECKPOINT)}: train one with train.py, or pass "
+        if os.path.abspath(args.checkpoint) in (DEFAULT_CHECKPOINT, TEACHER_CHECKPOINT):
+            raise CheckpointError(f"no model at {_shown(args.checkpoint)}: train one with train.py, or pass "
                                   "--checkpoint PATH (e.g. runs/celeba64/ckpt.pt)")
         raise CheckpointError(f"{args.checkpoint}: no such checkpoint")
     model = load_model(args.checkpoint, device)
     # what the model cannot do, said before anything slow (a conversion for OpenVINO) starts
     if model.config.distil_steps and (args.guidance is not None or args.guidance_first is not None):
         raise UsageError(f"{_shown(args.checkpoint)} is a student that learned its teacher's guidance only: for "
-                         f"another scale, use a model that guides (the default, {_shown(DEFAULT_CHECKPOINT)})")
+                         f"another scale, use a model that guides (--teacher: {_shown(TEACHER_CHECKPOINT)})")
     for guidance in (args.guidance, args.guidance_first or None):  # --guidance-first 0: --guidance's
         if guidance is not None:
             ok, message = guidance_check(guidance, model.config.cond_drop)

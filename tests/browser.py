@@ -1,6 +1,6 @@
 """Drive the web UI (app.py) in headless Chromium: the helpers of tests/test_app.py, and the README screenshot.
 
-    python tests/browser.py                         # visualization/app.png from checkpoints/photos64.pt
+    python tests/browser.py                         # visualization/app.png from the default checkpoint
     python tests/browser.py --checkpoint runs/whole/ckpt.pt --samples 4
 
 The screenshot: app.py on a free local port, the first example face clicked, Colorize pressed, the result

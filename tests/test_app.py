@@ -22,6 +22,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from browser import (CHROMIUM, add_hint, colorize_and_wait, launch_chromium, open_app, running_app,  # noqa: E402
                      sample_urls, set_samples, wait_for_new_samples)
 from conftest import open_image  # noqa: E402
+from app import GUIDANCE_RANGE  # noqa: E402
+from inference import DEFAULT_CHECKPOINT  # noqa: E402
+from model import load_checkpoint  # noqa: E402
 
 W, H = 120, 90  # not square: the result must keep the input's exact size
 
@@ -180,6 +183,20 @@ def test_the_endpoint_refuses_what_the_sliders_would_not_send(url, files):
         with pytest.raises(AppError, match=message):
             client.predict(photo, *[{**ok, **bad}[k] for k in names], api_name="/run")
     comparison, samples, seed = client.predict(photo, *ok.values(), api_name="/run")
+    assert len(samples) == 1 and seed == 0
+
+
+def test_the_default_students_page_takes_what_its_own_sliders_send(files):
+    """The shipped default is a distilled student: its guidance sliders are hidden and hold its own scale,
+    which lies above their range; a request with them is colorized, not refused."""
+    from gradio_client import Client, handle_file
+    c = load_checkpoint(DEFAULT_CHECKPOINT)["config"]
+    assert c["distil_steps"] and c["guidance"] > GUIDANCE_RANGE[1]
+    with running_app(DEFAULT_CHECKPOINT) as url:
+        comparison, samples, seed = Client(url, verbose=False).predict(
+            handle_file(str(files / "grey.png")), sampler=c["sampler"], steps=c["sample_steps"],
+            start=c["sample_min_signal"], guidance=c["guidance"], guidance_first=c["guidance_first"], num_samples=1,
+            seed=0, random_seed=False, dynamic_thresholding=False, api_name="/run")
     assert len(samples) == 1 and seed == 0
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from PIL import Image, ImageDraw  # noqa: E402
 
-from inference import (DEFAULT_CHECKPOINT, colorize, colorize_batch, greyscale_rgb, load_hints,  # noqa
+from inference import (TEACHER_CHECKPOINT, colorize, colorize_batch, greyscale_rgb, load_hints,  # noqa
                        model_input, model_size)
 from gif import GifRecorder  # noqa: E402
 from model import load_model, q_sample  # noqa: E402
@@ -31,7 +31,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="folder of colour photos of people the model never trained on")
-    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    p.add_argument("--checkpoint", default=TEACHER_CHECKPOINT, help="a model that guides: the GIF runs the "
+                   "faithful loop unguided (default: the shipped teacher)")
     p.add_argument("--faces", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hint-photo", default="004150.jpg", help="the photo of hints.png (a red background)")
