@@ -285,7 +285,7 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", help="model checkpoint (.pt). Default: checkpoints/photos64_distilled.pt "
                    "(2 UNet passes), or its teacher with --teacher or --ddpm")
     p.add_argument("--teacher", action="store_true", help="the default's teacher, checkpoints/photos64.pt: the "
-                   "colours the default learned, in 8 UNet passes (4x the time), and any --guidance")
+                   "colours the default learned, in 8 UNet passes (3-5x the time), and any --guidance")
     p.add_argument("--output", help="output file (its extension picks the format: .png .jpg .webp .tif .bmp) "
                    "or folder. Default: ./<name>_color.<ext> for a file, <folder>_color/ for a folder")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (inputs never are)")
