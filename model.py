@@ -456,11 +456,14 @@ class ColorDiffusion(nn.Module):
         pred = self.unet(inputs, t, self.encoder(L), w)
         if teacher is None:
             target = noise
-        elif halve:
-            target = teacher.two_steps_eps(inputs, grid, i)
-            if scene is not None and scene.any() and (c.distil_scene_guidance or c.distil_scene_guidance_first):
-                target[scene] = teacher.two_steps_eps(inputs[scene], grid, i, c.distil_scene_guidance or None,
-                                                      c.distil_scene_guidance_first or None)
+        elif halve:  # each row's target once, the scene rows' at their own scale if they have one
+            apart = scene is not None and bool(c.distil_scene_guidance or c.distil_scene_guidance_first)
+            rows = scene if apart else torch.zeros(len(lab), dtype=torch.bool, device=lab.device)
+            target = torch.empty_like(noise)
+            for kind, scales in ((~rows, ()), (rows, (c.distil_scene_guidance or None,
+                                                      c.distil_scene_guidance_first or None))):
+                if kind.any():
+                    target[kind] = teacher.two_steps_eps(inputs[kind], grid, i, *scales)
         else:
             target = teacher.guided_eps(inputs, t, w)
         loss = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))

@@ -378,19 +378,19 @@ def test_a_students_scene_examples_learn_the_teacher_at_their_own_scale(monkeypa
     calls, outputs = [], []
     own = teacher.two_steps_eps
     monkeypatch.setattr(teacher, "two_steps_eps", lambda *a, **k: calls.append(a) or own(*a, **k))
-    student.unet.register_forward_hook(lambda m, i, o: outputs.append((i[3], o)))
+    student.unet.register_forward_hook(lambda m, i, o: outputs.append(i[:1] + i[3:] + (o,)))
 
     def loss(scene):
         torch.manual_seed(1)
         return student(lab, teacher=teacher, scene=scene).item()
     assert loss(None) == loss(torch.zeros(4, dtype=torch.bool))
     mixed = loss(scene)
-    inputs, grid, i = calls[-2]
+    (inputs, w, pred), (grid, i) = outputs[-1], calls[-1][1:3]
+    assert [len(a[0]) for a in calls[-2:]] == [2, 2]  # a call per kind of row: no row's target computed twice
     expected = own(inputs, grid, i)
     at_scene = at_scene_scale.two_steps_eps(inputs[scene], grid, i)
     assert (at_scene - expected[scene]).abs().max() > 0.01  # the scales differ enough to tell
     expected[scene] = at_scene
-    w, pred = outputs[-1]
     assert w.tolist() == [2.0] * 4
     assert mixed == pytest.approx((pred - expected).pow(2).mean().item(), rel=1e-5)
     with pytest.raises(ValueError, match="distil_scene_guidance needs distil_steps"):
