@@ -6,7 +6,9 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
+import inference
 import train
 from conftest import ROOT, open_image
 from model import (CheckpointError, ColorDiffusion, Config, export_inference_checkpoint, load_checkpoint, load_model,
@@ -170,7 +172,6 @@ def test_shipped_checkpoints_load_and_colorize(name):
     skin warm: the LAB a of a mid-grey colorized photo is positive on average, as skin's is."""
     import numpy as np
 
-    import inference
     from utils import rgb_to_lab
     path = os.path.join(ROOT, "checkpoints", name)
     assert os.path.getsize(path) < 50 * 2**20
@@ -180,3 +181,23 @@ def test_shipped_checkpoints_load_and_colorize(name):
     assert out.size == grey.size
     lab = rgb_to_lab(torch.from_numpy(np.asarray(out, dtype=np.float32) / 255).permute(2, 0, 1)[None])
     assert lab[0, 1].mean() > 0.02, lab[0, 1].mean()  # a/110: warm, not grey
+
+
+def test_missing_default_checkpoint(tmp_path, monkeypatch, capsys):
+    Image.new("L", (16, 16), 128).save(tmp_path / "ok.png")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(inference, "DEFAULT_CHECKPOINT", str(tmp_path / "checkpoints" / "photos64_distilled.pt"))
+    assert inference.main(["--image-path", "ok.png"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: no model at") and "--checkpoint" in err and len(err.splitlines()) == 1
+
+
+def test_the_default_and_its_teacher():
+    """No --checkpoint: the 2-pass student; --teacher, and the faithful --ddpm loop (which a student that learned
+    2-step jumps cannot run), its teacher; a checkpoint given is used whatever else is."""
+    parse = lambda *a: inference.parse_args(["--image-path", "x.png", *a]).checkpoint  # noqa: E731
+    assert parse() == inference.DEFAULT_CHECKPOINT and inference.DEFAULT_CHECKPOINT.endswith("_distilled.pt")
+    assert parse("--teacher") == parse("--ddpm") == parse("--teacher", "--steps", "4") == inference.TEACHER_CHECKPOINT
+    assert parse("--ddpm", "--checkpoint", "a.pt") == "a.pt"
+    with pytest.raises(SystemExit):
+        parse("--teacher", "--checkpoint", "a.pt")

@@ -358,15 +358,6 @@ def test_bad_inputs_give_one_error_line(cli, tmp_path, ckpt):
     assert not list(tmp_path.glob("*_color*"))
 
 
-def test_missing_default_checkpoint(tmp_path, monkeypatch, capsys):
-    photo(16, 16).save(tmp_path / "ok.png")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(inference, "DEFAULT_CHECKPOINT", str(tmp_path / "checkpoints" / "photos64_distilled.pt"))
-    assert inference.main(["--image-path", "ok.png"]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: no model at") and "--checkpoint" in err and len(err.splitlines()) == 1
-
-
 def test_a_student_refuses_another_guidance(cli, tmp_path):
     """A progressive student learned its teacher's scale only: --guidance would change nothing, so it is refused
     with the way to a model that guides, before anything is written."""
@@ -376,17 +367,6 @@ def test_a_student_refuses_another_guidance(cli, tmp_path):
         code, _, err = cli("--image-path", tmp_path / "g.png", flag, 2, checkpoint=student)
         assert code == 1 and "student" in err and "--teacher" in err and len(err.splitlines()) == 1
     assert not list(tmp_path.glob("*_color*"))
-
-
-def test_the_default_and_its_teacher():
-    """No --checkpoint: the 2-pass student; --teacher, and the faithful --ddpm loop (which a student that learned
-    2-step jumps cannot run), its teacher; a checkpoint given is used whatever else is."""
-    parse = lambda *a: inference.parse_args(["--image-path", "x.png", *a]).checkpoint  # noqa: E731
-    assert parse() == inference.DEFAULT_CHECKPOINT and inference.DEFAULT_CHECKPOINT.endswith("_distilled.pt")
-    assert parse("--teacher") == parse("--ddpm") == parse("--teacher", "--steps", "4") == inference.TEACHER_CHECKPOINT
-    assert parse("--ddpm", "--checkpoint", "a.pt") == "a.pt"
-    with pytest.raises(SystemExit):
-        parse("--teacher", "--checkpoint", "a.pt")
 
 
 def test_errors_in_a_real_process(tmp_path):
