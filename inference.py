@@ -406,6 +406,17 @@ def _load(args, device):
     return model
 
 
+def _file_size(path):
+    """(height, width) of an image file as load_image gives it (EXIF rotation included), from its header alone;
+    None if it cannot be read (load_image says why when its turn comes)."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            return (w, h) if img.getexif().get(0x0112) in (5, 6, 7, 8) else (h, w)  # rotated a quarter turn
+    except Exception:
+        return None
+
+
 def _sampler_kwargs(args):
     return dict(num_samples=args.num_samples, seed=args.seed, amp=args.amp, **sampling_kwargs(args))
 
@@ -502,15 +513,22 @@ def run_folder(args, device):
     _check_outputs(existing, inputs, args.overwrite)
     model = _load(args, device)  # first: a checkpoint that cannot do what was asked leaves no empty folder
     _make_dir(out_dir)
+    per_batch = max(1, args.batch_size // args.num_samples)
+    # a batch holds photos of one model resolution: each shape of batch compiles networks of its own (0.3-1 s),
+    # and a folder of mixed shapes in name order would compile some for nearly every batch
+    shapes = {}
+    for job in jobs:
+        size = _file_size(job[0])
+        shapes.setdefault(size and model_size(model, *size, args.size), []).append(job)
+    batches = [group[i:i + per_batch] for group in shapes.values() for i in range(0, len(group), per_batch)]
     kwargs = _sampler_kwargs(args)
     runtime = fast_runtime(model, args.runtime)
-    per_batch = max(1, args.batch_size // args.num_samples)
 
     failed, colour, done = [], 0, 0
     bar = tqdm(total=len(jobs), unit="img", dynamic_ncols=True, file=sys.stderr)
-    for start in range(0, len(jobs), per_batch):  # a batch's worth decoded at a time: memory stays bounded
+    for jobs_of_batch in batches:  # a batch's worth decoded at a time: memory stays bounded
         batch = []
-        for path, outs in jobs[start:start + per_batch]:
+        for path, outs in jobs_of_batch:
             try:
                 img = load_image(path)
                 colour += _is_colour(img)  # also fails here, not mid-batch, on a mode PIL cannot convert

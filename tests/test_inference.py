@@ -205,6 +205,30 @@ def test_folder_mode_does_every_image_and_lists_the_failures(cli, tmp_path):
     assert code == 1 and err.startswith("error: ") and len(err.splitlines()) == 1
 
 
+def test_folder_batches_hold_one_model_resolution(cli, tmp_path, monkeypatch):
+    """Each shape of batch compiles networks of its own: a folder of wide and tall photos in name order is batched
+    by model resolution (an EXIF-rotated photo by its shape as displayed), and every photo is still done."""
+    src = tmp_path / "mixed"
+    src.mkdir()
+    for i in range(3):
+        photo(40, 24, seed=i).save(src / f"{i}a_wide.png")
+        photo(24, 40, seed=i).save(src / f"{i}b_tall.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored wide, displayed tall
+    photo(40, 24, seed=9).save(src / "3_rotated.jpg", exif=exif)
+    calls, colorize_batch = [], inference.colorize_batch
+
+    def spy(model, images, **kwargs):
+        calls.append({inference.model_size(model, img.height, img.width) for img in images})
+        return colorize_batch(model, images, **kwargs)
+    monkeypatch.setattr(inference, "colorize_batch", spy)
+    code, _, err = cli("--image-path", src, "--steps", 2, "--batch-size", 2)
+    assert code == 0, err
+    assert [len(shapes) for shapes in calls] == [1, 1, 1, 1]  # 3 wide, 4 tall: two batches each
+    assert len({next(iter(shapes)) for shapes in calls}) == 2
+    assert len(os.listdir(tmp_path / "mixed_color")) == 7
+
+
 def test_num_samples_differ_and_seed_is_bit_for_bit(cli, tmp_path):
     photo(24, 20).save(tmp_path / "p.png")
     assert cli("--image-path", tmp_path / "p.png", "--num-samples", 3, "--seed", 7, "--steps", 4)[0] == 0
