@@ -10,13 +10,15 @@
    the original's loop (its size: dim 128, mults 1,2,3,3; the encoder run at every one of 350 steps, float32),
    our faithful DDPM loop, the previous default (DDIM 100, guided) and the shipped default (the checkpoint's
    sampler, OpenVINO on a CPU; a distilled student's loops are its teacher's, and its teacher is run too).
-   The slow loops are extrapolated from timed steps; the shipped default is run, and also on a 4000x2667 scan.
-3. The whole command, as a user runs it: `python inference.py` on one photo, and on a folder of 32.
+   The slow loops are extrapolated from timed steps; the shipped default is run on the examples' three greyscale
+   faces, and on a 4000x2667 scan (a photo enlarged, with grain; and noise, the colour conversion's worst case).
+3. The whole command, as a user runs it: `python inference.py` on one photo, and on a folder of 32 (the faces).
 4. The web page: app.py started, the seconds from a Colorize request to its result (gradio_client, through the
    page's queue, as the browser sends it).
 """
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -30,10 +32,12 @@ from PIL import Image
 
 from model import ColorDiffusion, Config, guidance_scales, load_model, timesteps
 from runtime import fast_runtime
-from utils import ArgumentParser, bf16_is_fast, pick_device
+from utils import ArgumentParser, bf16_is_fast, load_image, pick_device
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PHOTO = (218, 178)  # height, width of a CelebA photo
+EXAMPLES = os.path.join(HERE, "examples")
+FACES = ("004150.jpg", "012952.jpg", "019432.jpg")  # greyscale CelebA photos of people in no training photo
+PHOTO = (218, 178)  # their height and width
 SCAN = (2667, 4000)  # and of a 10-megapixel scan
 ORIGINAL = Config(dim=128, dim_mults=(1, 2, 3, 3), timesteps=350, attention=True)
 
@@ -184,8 +188,8 @@ def main(argv=None):
              [per_photo(teacher, device, b, 100, True, use_amp, repeats, size=tc.image_size) for b in (1, 16)])]
     # the shipped default (and a student's teacher), run for real through colorize_batch: encoder, sampler,
     # recombination at full size
-    rng = np.random.default_rng(0)
-    photos = [Image.fromarray(rng.integers(0, 256, PHOTO, dtype=np.uint8), "L") for _ in range(16)]
+    faces = [load_image(os.path.join(EXAMPLES, f)) for f in FACES]  # real photos: the gamut fit's work and the
+    photos = [faces[i % len(faces)] for i in range(16)]               # JPEGs' decoding are a photo's, not noise's
     for m, label in ([(teacher, "its teacher")] if teacher is not model else []) + [(model, "shipped default")]:
         real, mc = [], m.config
         for batch in (1, 16):
@@ -205,17 +209,24 @@ def main(argv=None):
     for name, passes, (one, folder) in rows:
         print(f"| {name} | {passes} | {one:.3f} | {base[0] / one:.0f}x | {folder:.3f} | {base[1] / folder:.0f}x |",
               flush=True)
-    # a scan: the network sees 144x96 of it, the rest is reading its L and writing its colours at full size
-    scan = Image.fromarray(rng.integers(0, 256, SCAN, dtype=np.uint8), "L")
-    seconds = median_time(lambda: inference.colorize(model, scan, seed=0), device, max(1, repeats // 3), 20.0)
-    print(f"\n`colorize()` of a {SCAN[1]}x{SCAN[0]} greyscale scan: {seconds:.2f} s")
+    # a scan: the network sees 144x96 of it, the rest is reading its L and writing its colours at full size. A
+    # photo enlarged, with a film's grain; and noise, every pixel a random grey: the gamut fit's worst case
+    rng = np.random.default_rng(0)
+    grey = np.asarray(load_image(os.path.join(EXAMPLES, "mountain.jpg")).convert("L").crop((0, 21, 128, 107))
+                      .resize(SCAN[::-1], Image.BICUBIC), np.float32)
+    scans = {"photo": Image.fromarray((grey + rng.normal(0, 6, SCAN)).clip(0, 255).round().astype(np.uint8)),
+             "noise": Image.fromarray(rng.integers(0, 256, SCAN, dtype=np.uint8))}
+    seconds = {name: median_time(lambda: inference.colorize(model, scan, seed=0), device, max(1, repeats // 3), 20.0)
+               for name, scan in scans.items()}
+    print(f"\n`colorize()` of a {SCAN[1]}x{SCAN[0]} greyscale scan: {seconds['photo']:.2f} s "
+          f"(a photo, enlarged, with grain); {seconds['noise']:.2f} s (noise: the gamut fit's worst case)")
 
     print("\n## The whole command (a new process: Python, torch, the model, OpenVINO's cached network)\n")
     with tempfile.TemporaryDirectory() as tmp:
         folder = os.path.join(tmp, "photos")
         os.makedirs(folder)
         for i in range(args.folder):
-            photos[i % len(photos)].save(os.path.join(folder, f"{i:03d}.jpg"))
+            shutil.copy(os.path.join(EXAMPLES, FACES[i % len(FACES)]), os.path.join(folder, f"{i:03d}.jpg"))
         cmd = [sys.executable, os.path.join(HERE, "inference.py"), "--checkpoint", args.checkpoint,
                "--device", args.device, "--overwrite"]
         one = [*cmd, "--image-path", os.path.join(folder, "000.jpg"), "--output", os.path.join(tmp, "one.png")]

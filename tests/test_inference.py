@@ -407,6 +407,20 @@ def test_errors_in_a_real_process(tmp_path):
     assert not (tmp_path / "ok_color.png").exists()
 
 
+def test_a_real_process_ends_with_its_output_whole_and_reported(tmp_path, ckpt):
+    """The command skips the interpreter's teardown (os._exit): its status, its output file and what it printed
+    on stdout (a pipe: block-buffered) and stderr all arrive."""
+    photo(24, 20).save(tmp_path / "ok.png")
+    cmd = [sys.executable, os.path.join(ROOT, "inference.py"), "--image-path", "ok.png", "--checkpoint", ckpt,
+           "--steps", "2"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout buffered, as in a pipe
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                       env=dict(env, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["ok_color.png"] and "colorized ok.png" in r.stderr
+    assert open_image(tmp_path / "ok_color.png").size == (24, 20)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the Python API
 
