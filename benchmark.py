@@ -27,6 +27,7 @@ import time
 
 import inference  # first: it sets OMP_WAIT_POLICY before torch starts OpenMP (see there)
 import numpy as np
+import skimage.data
 import torch
 from PIL import Image
 
@@ -188,8 +189,9 @@ def main(argv=None):
              [per_photo(teacher, device, b, 100, True, use_amp, repeats, size=tc.image_size) for b in (1, 16)])]
     # the shipped default (and a student's teacher), run for real through colorize_batch: encoder, sampler,
     # recombination at full size
-    faces = [load_image(os.path.join(EXAMPLES, f)) for f in FACES]  # real photos: the gamut fit's work and the
-    photos = [faces[i % len(faces)] for i in range(16)]               # JPEGs' decoding are a photo's, not noise's
+    # real photos, not noise: the colour conversion's work and the JPEGs' decoding are then a photo's
+    faces = [load_image(os.path.join(EXAMPLES, f)) for f in FACES]
+    photos = [faces[i % len(faces)] for i in range(16)]
     for m, label in ([(teacher, "its teacher")] if teacher is not model else []) + [(model, "shipped default")]:
         real, mc = [], m.config
         for batch in (1, 16):
@@ -210,9 +212,10 @@ def main(argv=None):
         print(f"| {name} | {passes} | {one:.3f} | {base[0] / one:.0f}x | {folder:.3f} | {base[1] / folder:.0f}x |",
               flush=True)
     # a scan: the network sees 144x96 of it, the rest is reading its L and writing its colours at full size. A
-    # photo enlarged, with a film's grain; and noise, every pixel a random grey: the gamut fit's worst case
+    # 741x500 photo (scikit-image's motorcycle) enlarged 5.4x, with a film's grain; and noise, every pixel a
+    # random grey: the colour conversion's worst case (most pixels out of gamut)
     rng = np.random.default_rng(0)
-    grey = np.asarray(load_image(os.path.join(EXAMPLES, "mountain.jpg")).convert("L").crop((0, 21, 128, 107))
+    grey = np.asarray(Image.fromarray(skimage.data.stereo_motorcycle()[0]).convert("L")
                       .resize(SCAN[::-1], Image.BICUBIC), np.float32)
     scans = {"photo": Image.fromarray((grey + rng.normal(0, 6, SCAN)).clip(0, 255).round().astype(np.uint8)),
              "noise": Image.fromarray(rng.integers(0, 256, SCAN, dtype=np.uint8))}

@@ -412,7 +412,9 @@ def _file_size(path):
     try:
         with Image.open(path) as img:
             w, h = img.size
-            return (w, h) if img.getexif().get(0x0112) in (5, 6, 7, 8) else (h, w)  # rotated a quarter turn
+            # a PNG's EXIF may follow its pixels: PIL would decode them all to find it, so it is read only when seen
+            exif = img.getexif() if img.format != "PNG" or "exif" in img.info else {}
+            return (w, h) if exif.get(0x0112) in (5, 6, 7, 8) else (h, w)  # rotated a quarter turn
     except Exception:
         return None
 
@@ -516,15 +518,15 @@ def run_folder(args, device):
     per_batch = max(1, args.batch_size // args.num_samples)
     # a batch holds photos of one model resolution: each shape of batch compiles networks of its own (0.3-1 s),
     # and a folder of mixed shapes in name order would compile some for nearly every batch
-    shapes = {}
+    by_resolution = {}
     for job in jobs:
         size = _file_size(job[0])
-        shapes.setdefault(size and model_size(model, *size, args.size), []).append(job)
-    batches = [group[i:i + per_batch] for group in shapes.values() for i in range(0, len(group), per_batch)]
+        by_resolution.setdefault(model_size(model, *size, args.size) if size else None, []).append(job)
+    batches = [group[i:i + per_batch] for group in by_resolution.values() for i in range(0, len(group), per_batch)]
     kwargs = _sampler_kwargs(args)
     runtime = fast_runtime(model, args.runtime)
 
-    failed, colour, done = [], 0, 0
+    failed, colour, done = [], 0, 0  # failed: (input path, reason), reported in the folder's order
     bar = tqdm(total=len(jobs), unit="img", dynamic_ncols=True, file=sys.stderr)
     for jobs_of_batch in batches:  # a batch's worth decoded at a time: memory stays bounded
         batch = []
@@ -534,7 +536,7 @@ def run_folder(args, device):
                 colour += _is_colour(img)  # also fails here, not mid-batch, on a mode PIL cannot convert
                 batch.append((path, outs, img))
             except Exception as e:
-                failed.append(str(e) if isinstance(e, ImageError) else f"{path}: {type(e).__name__}: {e}")
+                failed.append((path, str(e) if isinstance(e, ImageError) else f"{path}: {type(e).__name__}: {e}"))
                 bar.update(1)
         if not batch:
             continue
@@ -542,7 +544,7 @@ def run_folder(args, device):
             results = colorize_batch(model, [img for _, _, img in batch], batch_size=per_batch * args.num_samples,
                                      runtime=runtime, **kwargs)
         except Exception as e:  # e.g. out of memory: report these files, go on with the rest
-            failed.extend(f"{i}: {type(e).__name__}: {e}".splitlines()[0] for i, _, _ in batch)
+            failed.extend((i, f"{i}: {type(e).__name__}: {e}".splitlines()[0]) for i, _, _ in batch)
             bar.update(len(batch))
             continue
         for (i, outs, img), result in zip(batch, results):
@@ -551,14 +553,14 @@ def run_folder(args, device):
                     save_image(r, path, **_save_params(_writable_ext(path), img))
                 done += 1
             except (ImageError, UsageError) as e:
-                failed.append(str(e))
+                failed.append((i, str(e)))
             bar.update(1)
     bar.close()
 
     if colour:
         print(f"note: {colour} colour photo(s) were colorized from their greyscale version", file=sys.stderr)
     print(f"colorized {done} of {len(jobs)} image(s) into {out_dir}", file=sys.stderr)
-    for line in failed:
+    for _, line in sorted(failed):
         print(f"failed: {line}", file=sys.stderr)
     return 1 if failed else 0
 
@@ -597,7 +599,10 @@ def main(argv=None):
 
 if __name__ == "__main__":
     code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:  # e.g. stdout piped into `head`, which has exited
+        pass
     # every output is written and closed: skip the interpreter's teardown, where unloading torch alone takes 0.5 s
     os._exit(code)
