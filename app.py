@@ -13,13 +13,14 @@ import math
 import os
 import random
 import sys
+import tempfile
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry, no version check: works offline
 
 import gradio as gr  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from inference import DEFAULT_CHECKPOINT, colorize, load_hints  # noqa: E402
+from inference import DEFAULT_CHECKPOINT, colorize, load_hints, save_result  # noqa: E402
 from model import SAMPLERS, CheckpointError, load_model, range_check  # noqa: E402
 from runtime import fast_runtime  # noqa: E402
 from utils import IMAGE_EXTENSIONS, ArgumentParser, ImageError, load_image, pick_device  # noqa: E402
@@ -31,6 +32,8 @@ MAX_PIXELS = 40_000_000       # 40 megapixels: larger images are refused before 
 MAX_SAMPLES = 8
 START_RANGE, GUIDANCE_RANGE = (0, 0.2), (0, 3)  # the sliders', and what the page's endpoint accepts
 VIEW_SIZE = 1024              # the hints view's long side, at least (see show_hints)
+PREVIEW_SIZE = 1024           # the before/after slider's long side, at most (see preview)
+BROWSER_FORMATS = (".jpg", ".jpeg", ".png", ".webp")  # a result keeps its upload's format if it is one of these
 
 
 def open_upload(photo) -> Image.Image:
@@ -81,6 +84,33 @@ def hint_image(img: Image.Image, hints) -> Image.Image:
     for x, y, colour in hints:
         draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
     return layer
+
+
+def preview(img: Image.Image) -> Image.Image:
+    """A copy at most PREVIEW_SIZE on its long side, to look at: the page encodes what it shows as PNG, 2 s for a
+    10-megapixel photo, while the gallery's files keep the full size."""
+    if max(img.size) <= PREVIEW_SIZE:
+        return img
+    small = img.copy()
+    small.thumbnail((PREVIEW_SIZE, PREVIEW_SIZE), Image.BICUBIC)
+    return small
+
+
+def save_samples(samples, name, source) -> list[str]:
+    """The samples as the files a download gets: named after the upload (photo_color.jpg, or photo_color_0.jpg,
+    photo_color_1.jpg, ...), in its format where a browser shows it and PNG otherwise (and for transparency),
+    written as the command writes them; in Gradio's cache, which serves them as they are."""
+    stem, ext = os.path.splitext(os.path.basename(name))
+    if ext.lower() not in BROWSER_FORMATS or (samples[0].mode == "RGBA" and ext.lower() in (".jpg", ".jpeg")):
+        ext = ".png"
+    cache = gr.utils.get_upload_folder()
+    os.makedirs(cache, exist_ok=True)
+    folder = tempfile.mkdtemp(dir=cache)
+    paths = [os.path.join(folder, f"{stem}_color{'' if len(samples) == 1 else f'_{k}'}{ext}")
+             for k in range(len(samples))]
+    for sample, path in zip(samples, paths):
+        save_result(sample, path, source)
+    return paths
 
 
 def setting(value, name, low, high):
@@ -136,7 +166,8 @@ def build_demo(model, runtime=None) -> gr.Blocks:
                            guidance=guidance, guidance_first=guidance_first, callback=callback,
                            runtime=runtime,
                            hints=load_hints(hint_image(img, hints), img.size) if hints else None)
-        return (img, samples[0]), samples, seed
+        files = save_samples(samples, photo.get("orig_name") or photo["path"], img)
+        return (preview(img), preview(samples[0])), files, seed
 
     def check(photo):
         """On upload: a bad file is reported at once (and removed), not only when Colorize is pressed."""
@@ -213,7 +244,7 @@ def build_demo(model, runtime=None) -> gr.Blocks:
             with gr.Column():
                 comparison = gr.ImageSlider(label="Before / after (drag the slider)", format="png",
                                             interactive=False, max_height=600, elem_id="comparison")
-                gallery = gr.Gallery(label="Samples (full size, each downloadable)", format="png", columns=4,
+                gallery = gr.Gallery(label="Samples (full size, each downloadable)", columns=4,
                                      interactive=False, height="fit-content", object_fit="contain",
                                      elem_id="samples")
 

@@ -433,6 +433,12 @@ def _save_params(fmt, source: Image.Image):
     return params
 
 
+def save_result(img: Image.Image, path, source: Image.Image) -> None:
+    """Write a colorized image as the command does: the format of path's extension, with its quality settings
+    and the source photo's EXIF."""
+    save_image(img, path, **_save_params(_writable_ext(path), source))
+
+
 def run_file(args, device):
     src = args.image_path
     stem, ext = os.path.splitext(os.path.basename(src))
@@ -478,7 +484,7 @@ def run_file(args, device):
     if results[0].mode == "RGBA" and fmt == "JPEG":
         print(f"note: JPEG has no transparency: {out} drops the alpha channel (.png keeps it)", file=sys.stderr)
     for path, result in zip(outputs, results):
-        save_image(result, path, **_save_params(fmt, img))
+        save_result(result, path, img)
         print(path)
     if recorder:
         recorder.save(args.save_gif, results)
@@ -550,7 +556,7 @@ def run_folder(args, device):
         for (i, outs, img), result in zip(batch, results):
             try:
                 for path, r in zip(outs, result):
-                    save_image(r, path, **_save_params(_writable_ext(path), img))
+                    save_result(r, path, img)
                 done += 1
             except (ImageError, UsageError) as e:
                 failed.append((i, str(e)))

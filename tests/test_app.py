@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from browser import (CHROMIUM, add_hint, colorize_and_wait, launch_chromium, open_app, running_app,  # noqa: E402
                      sample_urls, set_samples, wait_for_new_samples)
 from conftest import open_image  # noqa: E402
-from app import GUIDANCE_RANGE  # noqa: E402
+from app import GUIDANCE_RANGE, PREVIEW_SIZE  # noqa: E402
 from inference import DEFAULT_CHECKPOINT  # noqa: E402
 from model import load_checkpoint  # noqa: E402
 
@@ -184,6 +184,23 @@ def test_the_endpoint_refuses_what_the_sliders_would_not_send(url, files):
             client.predict(photo, *[{**ok, **bad}[k] for k in names], api_name="/run")
     comparison, samples, seed = client.predict(photo, *ok.values(), api_name="/run")
     assert len(samples) == 1 and seed == 0
+
+
+def test_a_big_photo_is_shown_small_and_downloaded_whole_in_its_own_format(url, files):
+    """The before/after slider shows a copy at most PREVIEW_SIZE long (a 10-megapixel PNG took the page 2 s to
+    encode); the gallery's file is the whole photo, named after the upload, in its format (JPEG in, JPEG out)."""
+    from gradio_client import Client, handle_file
+    y, x = np.mgrid[0:1000, 0:1500]
+    Image.fromarray(((x + y) * 255 // 2500).astype(np.uint8), "L").save(files / "scan.jpg", quality=90)
+    comparison, samples, _ = Client(url, verbose=False).predict(
+        handle_file(str(files / "scan.jpg")), sampler="ddim", steps=2, start=0.04, guidance=1.5, guidance_first=0,
+        num_samples=2, seed=0, random_seed=False, dynamic_thresholding=False, api_name="/run")
+    assert [open_image(p).size for p in comparison] == [(PREVIEW_SIZE, round(PREVIEW_SIZE * 2 / 3))] * 2
+    names = [os.path.basename(s["image"]) for s in samples]
+    assert names == ["scan_color_0.jpg", "scan_color_1.jpg"]
+    for s in samples:
+        out = open_image(s["image"])
+        assert out.format == "JPEG" and out.size == (1500, 1000) and chroma(out) > 1.0
 
 
 def test_the_default_students_page_takes_what_its_own_sliders_send(files):
