@@ -40,7 +40,9 @@ DEFAULT_CHECKPOINT = os.path.join(HERE, "checkpoints", "photos64_distilled.pt") 
 TEACHER_CHECKPOINT = os.path.join(HERE, "checkpoints", "photos64.pt")  # its teacher: 8 passes, any guidance, --ddpm
 DEFAULT_BATCH = 16
 STRIP_PIXELS = 1 << 19  # recombine() works on horizontal strips of about this many pixels
-SAVE_PARAMS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}}  # PIL's default JPEG quality 75 blurs L
+# PIL's defaults, changed: JPEG quality 75 blurs L; PNG level 6 takes 1.9 s to write a 10-megapixel result,
+# level 4 0.75 s for 10% more bytes
+SAVE_PARAMS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}, "PNG": {"compress_level": 4}}
 EXIF_FORMATS = {"JPEG", "PNG", "WEBP", "TIFF"}
 
 
