@@ -242,8 +242,10 @@ def build_demo(model, runtime=None) -> gr.Blocks:
                                                        info="tames over-saturated colours")
                 button = gr.Button("Colorize", variant="primary")
             with gr.Column():
+                # no download button: it would give the preview (see preview); the gallery's give the whole photo
                 comparison = gr.ImageSlider(label="Before / after (drag the slider)", format="png",
-                                            interactive=False, max_height=600, elem_id="comparison")
+                                            interactive=False, max_height=600, elem_id="comparison",
+                                            buttons=["fullscreen"])
                 gallery = gr.Gallery(label="Samples (full size, each downloadable)", columns=4,
                                      interactive=False, height="fit-content", object_fit="contain",
                                      elem_id="samples")
