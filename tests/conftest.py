@@ -145,3 +145,53 @@ def assert_state_equal(a, b, path="state"):
             assert_state_equal(x, y, f"{path}[{i}]")
     else:
         assert a == b, path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the command line (test_inference.py, test_folders.py)
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_checkpoint):
+    return tiny_checkpoint()
+
+
+@pytest.fixture
+def cli(ckpt, capsys, monkeypatch, tmp_path):
+    """cli(*args) -> (exit status, stdout, stderr); runs in tmp_path, so default outputs land there."""
+    monkeypatch.chdir(tmp_path)
+
+    import inference
+
+    def run(*args, checkpoint=ckpt):
+        code = inference.main([str(a) for a in args] + ["--checkpoint", checkpoint])
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run
+
+
+def photo(w, h, seed=0, mode="L"):
+    """A greyscale test picture with structure in both directions (gradients plus noise), so a wrong
+    orientation or a shifted L shows."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    v = 0.6 * x / max(w - 1, 1) + 0.3 * (y / max(h - 1, 1)) ** 2 + 0.1 * rng.random((h, w))
+    grey = Image.fromarray((v.clip(0, 1) * 255).round().astype(np.uint8), "L")
+    return grey if mode == "L" else grey.convert(mode)
+
+
+def lightness(img) -> np.ndarray:
+    """CIE L (0-100) of a PIL image, or of an (H, W) array of grey levels in [0, 1]."""
+    from utils import rgb_to_lab
+    if isinstance(img, np.ndarray):
+        rgb = torch.from_numpy(img.astype(np.float32))[None, None].expand(1, 3, *img.shape)
+    else:
+        rgb = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    return ((rgb_to_lab(rgb)[0, 0] + 1) * 50).numpy()
+
+
+def assert_same_lightness(out_path, expected_L):
+    """The output keeps the input's lightness detail: only 8-bit rounding separates them."""
+    out_L = lightness(open_image(out_path))
+    assert out_L.shape == expected_L.shape
+    diff = np.abs(out_L - expected_L)
+    assert diff.max() < 1.0 and diff.mean() < 0.25, (diff.max(), diff.mean())

@@ -2,7 +2,8 @@
 
 A tiny random-initialised checkpoint (dim 8, 16 px, 20 timesteps) is enough: these tests are about sizes,
 lightness, file formats, paths and errors, not colour quality. The command line runs in-process through
-inference.main(argv) (it returns the exit status); one subprocess checks a real process's exit code and stderr.
+inference.main(argv) (conftest's cli; it returns the exit status); two real processes check the exit status, stderr
+and stdout. Folders: test_folders.py.
 """
 import os
 import subprocess
@@ -16,38 +17,11 @@ from PIL import Image, ImageOps
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import inference  # noqa: E402
-from conftest import TINY_MODEL, open_image  # noqa: E402
+from conftest import TINY_MODEL, assert_same_lightness, lightness, open_image, photo  # noqa: E402
 from model import ColorDiffusion, Config, load_model, save_checkpoint  # noqa: E402
 from utils import rgb_to_lab  # noqa: E402
 
 TINY = Config(**TINY_MODEL)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tiny_checkpoint):
-    return tiny_checkpoint()
-
-
-@pytest.fixture
-def cli(ckpt, capsys, monkeypatch, tmp_path):
-    """cli(*args) -> (exit status, stdout, stderr); runs in tmp_path, so default outputs land there."""
-    monkeypatch.chdir(tmp_path)
-
-    def run(*args, checkpoint=ckpt):
-        code = inference.main([str(a) for a in args] + ["--checkpoint", checkpoint])
-        out, err = capsys.readouterr()
-        return code, out, err
-    return run
-
-
-def photo(w, h, seed=0, mode="L"):
-    """A greyscale test picture with structure in both directions (gradients plus noise), so a wrong
-    orientation or a shifted L shows."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    v = 0.6 * x / max(w - 1, 1) + 0.3 * (y / max(h - 1, 1)) ** 2 + 0.1 * rng.random((h, w))
-    grey = Image.fromarray((v.clip(0, 1) * 255).round().astype(np.uint8), "L")
-    return grey if mode == "L" else grey.convert(mode)
 
 
 def colour_photo(w, h, seed=0):
@@ -55,23 +29,6 @@ def colour_photo(w, h, seed=0):
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
     rgb = np.stack([x / w, y / h, 0.5 + 0.3 * rng.random((h, w))], axis=-1)
     return Image.fromarray((rgb.clip(0, 1) * 255).round().astype(np.uint8), "RGB")
-
-
-def lightness(img) -> np.ndarray:
-    """CIE L (0-100) of a PIL image, or of an (H, W) array of grey levels in [0, 1]."""
-    if isinstance(img, np.ndarray):
-        rgb = torch.from_numpy(img.astype(np.float32))[None, None].expand(1, 3, *img.shape)
-    else:
-        rgb = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
-    return ((rgb_to_lab(rgb)[0, 0] + 1) * 50).numpy()
-
-
-def assert_same_lightness(out_path, expected_L):
-    """The output keeps the input's lightness detail: only 8-bit rounding separates them."""
-    out_L = lightness(open_image(out_path))
-    assert out_L.shape == expected_L.shape
-    diff = np.abs(out_L - expected_L)
-    assert diff.max() < 1.0 and diff.mean() < 0.25, (diff.max(), diff.mean())
 
 
 def chroma(path):
@@ -173,61 +130,7 @@ def test_colour_photo_is_noted_and_keeps_its_lightness(cli, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# folders, samples, seeds, samplers, GIF
-
-def test_folder_mode_does_every_image_and_lists_the_failures(cli, tmp_path):
-    src = tmp_path / "photos"
-    src.mkdir()
-    for i, (w, h) in enumerate([(20, 24), (20, 24), (20, 24), (33, 17)]):  # 3 share a model size, 1 does not
-        photo(w, h, seed=i).save(src / f"ok_{i}.{'png' if i % 2 else 'jpg'}")
-    (src / "text.png").write_text("not an image")
-    (src / "empty.jpg").write_bytes(b"")
-    data = (src / "ok_0.jpg").read_bytes()
-    (src / "truncated.jpg").write_bytes(data[: len(data) // 2])
-    (src / "notes.txt").write_text("ignored: not an image extension")
-    (src / "sub").mkdir()
-    code, _, err = cli("--image-path", src, "--steps", 2, "--batch-size", 2)
-    assert code == 1
-    failed = [line for line in err.splitlines() if line.startswith("failed: ")]
-    assert [line.split(":")[1].strip().split(os.sep)[-1] for line in failed] == \
-        ["empty.jpg", "text.png", "truncated.jpg"]  # in the folder's order, whatever the batches'
-    out = tmp_path / "photos_color"
-    assert sorted(os.listdir(out)) == ["ok_0.jpg", "ok_1.png", "ok_2.jpg", "ok_3.png"]
-    for i in range(4):
-        name = f"ok_{i}.{'png' if i % 2 else 'jpg'}"
-        assert open_image(out / name).size == open_image(src / name).size
-    assert_same_lightness(out / "ok_1.png", lightness(open_image(src / "ok_1.png")))
-    # a second run refuses to replace them; --skip-existing leaves them; the input folder is never the output
-    assert cli("--image-path", src, "--steps", 2)[0] == 1
-    code, _, err = cli("--image-path", src, "--steps", 2, "--skip-existing")
-    assert code == 1 and "skipping 4" in err  # the 3 bad files still fail
-    code, _, err = cli("--image-path", src, "--output", src, "--overwrite")
-    assert code == 1 and err.startswith("error: ") and len(err.splitlines()) == 1
-
-
-def test_folder_batches_hold_one_model_resolution(cli, tmp_path, monkeypatch):
-    """Each shape of batch compiles networks of its own: a folder of wide and tall photos in name order is batched
-    by model resolution (an EXIF-rotated photo by its shape as displayed), and every photo is still done."""
-    src = tmp_path / "mixed"
-    src.mkdir()
-    for i in range(3):
-        photo(40, 24, seed=i).save(src / f"{i}a_wide.png")
-        photo(24, 40, seed=i).save(src / f"{i}b_tall.png")
-    exif = Image.Exif()
-    exif[0x0112] = 6  # stored wide, displayed tall
-    photo(40, 24, seed=9).save(src / "3_rotated.jpg", exif=exif)
-    calls, colorize_batch = [], inference.colorize_batch
-
-    def spy(model, images, **kwargs):
-        calls.append({inference.model_size(model, img.height, img.width) for img in images})
-        return colorize_batch(model, images, **kwargs)
-    monkeypatch.setattr(inference, "colorize_batch", spy)
-    code, _, err = cli("--image-path", src, "--steps", 2, "--batch-size", 2)
-    assert code == 0, err
-    assert [len(shapes) for shapes in calls] == [1, 1, 1, 1]  # 3 wide, 4 tall: two batches each
-    assert len({next(iter(shapes)) for shapes in calls}) == 2
-    assert len(os.listdir(tmp_path / "mixed_color")) == 7
-
+# samples, seeds, samplers, GIF (folders: test_folders.py)
 
 def test_num_samples_differ_and_seed_is_bit_for_bit(cli, tmp_path):
     photo(24, 20).save(tmp_path / "p.png")
