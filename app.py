@@ -20,7 +20,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry, no v
 import gradio as gr  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from inference import DEFAULT_CHECKPOINT, colorize, load_hints, save_result  # noqa: E402
+from inference import DEFAULT_CHECKPOINT, colorize, load_hints, sample_paths, save_result  # noqa: E402
 from model import SAMPLERS, CheckpointError, load_model, range_check  # noqa: E402
 from runtime import fast_runtime  # noqa: E402
 from utils import IMAGE_EXTENSIONS, ArgumentParser, ImageError, load_image, pick_device  # noqa: E402
@@ -106,8 +106,7 @@ def save_samples(samples, name, source) -> list[str]:
     cache = gr.utils.get_upload_folder()
     os.makedirs(cache, exist_ok=True)
     folder = tempfile.mkdtemp(dir=cache)
-    paths = [os.path.join(folder, f"{stem}_color{'' if len(samples) == 1 else f'_{k}'}{ext}")
-             for k in range(len(samples))]
+    paths = sample_paths(os.path.join(folder, f"{stem}_color{ext}"), len(samples))
     for sample, path in zip(samples, paths):
         save_result(sample, path, source)
     return paths

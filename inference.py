@@ -334,7 +334,7 @@ def _writable_ext(path):
     return fmt
 
 
-def _sample_paths(path, num_samples):
+def sample_paths(path, num_samples):
     """`out.png` -> [out.png], or [out_0.png, out_1.png, ...] for several samples."""
     if num_samples == 1:
         return [path]
@@ -449,7 +449,7 @@ def run_file(args, device):
     if os.path.isdir(out) or out.endswith(os.sep) or (os.altsep and out.endswith(os.altsep)):
         out = os.path.join(out, default_name)
     fmt = _writable_ext(out)
-    outputs = _sample_paths(out, args.num_samples)
+    outputs = sample_paths(out, args.num_samples)
     extra = [args.save_gif] if args.save_gif else []
     if args.save_gif and os.path.splitext(args.save_gif)[1].lower() != ".gif":
         raise UsageError(f"{args.save_gif}: --save-gif needs a .gif file name")
@@ -508,7 +508,7 @@ def run_folder(args, device):
         raise UsageError(f"{src}: cannot list the folder ({e.strerror or e})") from None
     if not names:
         raise UsageError(f"{src}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in this folder")
-    jobs = [(os.path.join(src, n), _sample_paths(os.path.join(out_dir, n), args.num_samples)) for n in names]
+    jobs = [(os.path.join(src, n), sample_paths(os.path.join(out_dir, n), args.num_samples)) for n in names]
     if args.skip_existing:
         jobs = [(i, o) for i, o in jobs if not all(os.path.exists(p) for p in o)]
         if len(jobs) < len(names):
