@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from utils import ImageError, is_greyscale, lab_to_rgb, list_images, load_image, rgb_to_lab
+from utils import ImageError, is_greyscale, lab_to_rgb, lightness, list_images, load_image, rgb_to_lab
 
 CACHE_SCALE = 2  # cached photos' short side, in training sizes: zoomed-in crops keep their detail
 CROP_AREA = (0.3, 2.6)  # the training crops' area in multiples of the photo's (Config.crop_area)
@@ -127,8 +127,9 @@ def random_greyscale(rgb, g):
     artefacts follow, each some of the time."""
     kind, gamma, contrast, bright, blur, sigma, grain, amount, jpeg, quality = torch.rand(10, generator=g).tolist()
     if kind < 0.25:  # LAB's L, as the grey whose L it is
-        lab = rgb_to_lab(rgb[None])
-        grey = lab_to_rgb(torch.cat([lab[:, :1], torch.zeros_like(lab[:, 1:])], 1))[0].mean(0, keepdim=True)
+        lab = rgb_to_lab(rgb[None].numpy())
+        lab[:, 1:] = 0
+        grey = torch.from_numpy(lab_to_rgb(lab))[0].mean(0, keepdim=True)
     elif kind < 0.75:  # PIL's convert("L") and most editors (Rec. 601), or HDTV luma (Rec. 709)
         grey = torch.tensordot(torch.tensor(LUMA["rec601" if kind < 0.6 else "rec709"]), rgb, dims=1)[None]
     else:  # film: orthochromatic to panchromatic, a random spectral mix around Rec. 601
@@ -157,7 +158,7 @@ def jpeg_roundtrip(grey, quality):
 
 def grey_to_l(grey):
     """(1, h, w) greyscale in [0, 1] -> its normalized L, as inference computes it (R = G = B)."""
-    return rgb_to_lab(grey.expand(3, -1, -1)[None])[0, :1]
+    return torch.from_numpy(lightness(grey.expand(3, -1, -1)[None].numpy()))[0]
 
 
 class PhotoDataset(Dataset):
@@ -193,10 +194,10 @@ class PhotoDataset(Dataset):
             s = min(H / h, W / w)
             crop = TF.resized_crop(img, round((H - h * s) / 2), round((W - w * s) / 2), round(h * s), round(w * s),
                                    [h, w], antialias=True)
-            return rgb_to_lab(crop[None].float() / 255)[0], scene
+            return torch.from_numpy(rgb_to_lab(crop[None].numpy() / np.float32(255)))[0], scene
         g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
         rgb = random_crop(img, h, w, g, self.scene_crop_area if scene else self.crop_area, scene).float() / 255
-        lab = rgb_to_lab(rgb[None])[0]
+        lab = torch.from_numpy(rgb_to_lab(rgb[None].numpy()))[0]
         return torch.cat([grey_to_l(random_greyscale(rgb, g)), lab[1:]]), scene
 
 
@@ -218,8 +219,8 @@ def mix_order(parts, seed, epoch):
 def mean_ab(images, n=2000):
     """Mean normalized ab of (up to n evenly spaced) photos: sampling starts from it (ColorDiffusion.sample)."""
     step = max(1, len(images) // n)
-    means = [rgb_to_lab(img[None].float() / 255)[0, 1:].mean(dim=(1, 2)) for img in images[::step]]
-    return torch.stack(means).mean(0)
+    means = [rgb_to_lab(img[None].numpy() / np.float32(255))[0, 1:].mean(axis=(1, 2)) for img in images[::step]]
+    return torch.from_numpy(np.stack(means).mean(0))
 
 
 def mix_mean_ab(ds):

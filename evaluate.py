@@ -24,7 +24,7 @@ import sys
 
 # first: inference sets OMP_WAIT_POLICY before torch starts OpenMP (see there)
 from inference import (DEFAULT_CHECKPOINT, add_sampling_args, check_sampling_args, colorize_batch,
-                       load_hints, sampling_kwargs, short_side)
+                       load_hints, samples_as_checkpoint, sampling_kwargs, short_side)
 import numpy as np
 import torch
 from PIL import Image, ImageOps
@@ -34,7 +34,7 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from model import CheckpointError, load_model
-from runtime import fast_runtime
+from runtime import converted_sampler, fast_runtime
 from utils import ArgumentParser, ImageError, list_images, load_image, pick_device
 
 GROSS = 20  # CIEDE2000 above this is a different colour, not a shade of the right one
@@ -303,6 +303,8 @@ def main(argv=None):
     for path in args.checkpoint or [DEFAULT_CHECKPOINT]:
         model = load_model(path, device)
         runtime = fast_runtime(model, args.runtime)
+        # the command's own path: the checkpoint's sampling converted whole, where the command would run it
+        colorizer = (converted_sampler(path) if samples_as_checkpoint(args) else None) or model
         c = model.config
         sampling = sampling_kwargs(args)
         shown = {k: (v if v is not None else getattr(c, f)) for k, v, f in
@@ -343,7 +345,7 @@ def main(argv=None):
             for name in split_views:
                 framed = [view(photo, name, k) for k, photo in enumerate(photos)]
                 masks = [face_mask(photo, name, k) for k, photo in enumerate(photos)] if faces else None
-                m, outputs = evaluate(model, framed, args.batch_size, args.seed, runtime, masks=masks,
+                m, outputs = evaluate(colorizer, framed, args.batch_size, args.seed, runtime, masks=masks,
                                       samples=args.samples, **sampling)
                 results.append((label, f"{split}: {name}" if len(sets) > 1 else name, m))
                 rows += [[f.convert("L") for f in framed], outputs, framed]

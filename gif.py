@@ -1,10 +1,10 @@
 """The denoising process as an animated GIF (inference.py --save-gif, visualization/make_gifs.py)."""
 import math
 
-import torch
+import numpy as np
 from PIL import Image
 
-from utils import fit_to_gamut, lab_to_rgb, save_image, tensor_to_pil
+from utils import array_to_pil, fit_to_gamut, lab_to_rgb, save_image
 
 
 class GifRecorder:
@@ -12,15 +12,15 @@ class GifRecorder:
     the current x_t (or x0 prediction) as colour, samples side by side, upscaled (nearest) for visibility."""
 
     def __init__(self, model, L_small, show="xt", max_frames=60, min_side=256):
-        self.L, self.scale = L_small.float().cpu(), model.config.ab_scale
+        self.L, self.scale = np.asarray(L_small, np.float32), model.config.ab_scale
         self.show, self.max_frames = show, max_frames
         self.zoom = max(1, math.ceil(min_side / min(L_small.shape[-2:])))
         self.frames = []
 
     def render(self, ab):
-        K = ab.shape[0]
-        rgb = lab_to_rgb(fit_to_gamut(torch.cat([self.L.expand(K, -1, -1, -1), ab.float().cpu()], dim=1)))
-        img = tensor_to_pil(torch.cat(list(rgb), dim=-1))  # samples side by side
+        ab = ab.float().cpu().numpy()
+        rgb = lab_to_rgb(fit_to_gamut(np.concatenate([np.broadcast_to(self.L, (len(ab), *self.L.shape[1:])), ab], 1)))
+        img = array_to_pil(np.concatenate(list(rgb), axis=-1))  # samples side by side
         return img.resize((img.width * self.zoom, img.height * self.zoom), Image.NEAREST)
 
     def __call__(self, i, n, x_t, x0):

@@ -22,18 +22,18 @@ import time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from model import (SAMPLERS, SAMPLING_LIMITS, SPACINGS, CheckpointError, guidance_check, interval_check, load_model,
-                   range_check)
 from gif import GifRecorder
-from runtime import fast_runtime
-from utils import (GREY_LIGHTNESS, IMAGE_EXTENSIONS, ArgumentParser, ImageError, comma_separated, is_greyscale,
-                   lab_to_rgb8, lightness, list_images, load_image, pick_device, pil_to_tensor, rgb_to_lab,
-                   save_image, use_bf16)
+from runtime import ConvertedSampler, converted_sampler, fast_runtime
+from utils import (GREY_LIGHTNESS, IMAGE_EXTENSIONS, SAMPLER_NAMES, SAMPLING_LIMITS, SPACINGS, ArgumentParser,
+                   CheckpointError, ImageError, comma_separated, guidance_check, interval_check, is_greyscale,
+                   lab_to_rgb8, lightness, list_images, load_image, may_have_gpu, pick_device, pil_to_array,
+                   range_check, rgb_to_lab, save_image, use_bf16)
+
+# PyTorch is imported only where a network runs in it: the default command on a CPU runs a ConvertedSampler
+# (runtime.py) and starts in a third of the time without it
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CHECKPOINT = os.path.join(HERE, "checkpoints", "photos64_distilled.pt")  # 2 UNet passes a photo
@@ -44,30 +44,34 @@ STRIP_PIXELS = 1 << 19  # recombine() works on horizontal strips of about this m
 # level 4 0.75 s for 10% more bytes
 SAVE_PARAMS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}, "PNG": {"compress_level": 4}}
 EXIF_FORMATS = {"JPEG", "PNG", "WEBP", "TIFF"}
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # greyscale deeper than 8 bits
 
 
-def greyscale_rgb(img: Image.Image) -> tuple[torch.Tensor, Image.Image | None]:
-    """Any PIL image -> ((1, 3, H, W) float RGB in [0, 1], alpha channel or None).
+def _wide_grey(img: Image.Image) -> np.ndarray:
+    """A 16-bit, 32-bit or float greyscale image -> (H, W) float32 in [0, 1]."""
+    arr = np.asarray(img, dtype=np.float32)
+    if img.mode.startswith("I;16"):
+        top = 65535.0  # 16-bit, even when the picture happens to be dark
+    else:  # 32-bit int or float: guess the range from the values
+        peak = float(arr.max()) if arr.size else 0.0
+        top = 1.0 if img.mode == "F" and peak <= 1.0 else 255.0 if peak <= 255 else 65535.0
+    return np.clip(arr / top, 0, 1)
+
+
+def greyscale_rgb(img: Image.Image) -> tuple[np.ndarray, Image.Image | None]:
+    """Any PIL image -> ((1, 3, H, W) float32 RGB in [0, 1], alpha channel or None).
     Colour photos keep their RGB here: only their L is used. 16-bit greyscale keeps its precision."""
     alpha = None
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         alpha = img.getchannel("A")
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float32)
-        if img.mode.startswith("I;16"):
-            top = 65535.0  # 16-bit, even when the picture happens to be dark
-        else:  # 32-bit int or float: guess the range from the values
-            peak = float(arr.max()) if arr.size else 0.0
-            top = 1.0 if img.mode == "F" and peak <= 1.0 else 255.0 if peak <= 255 else 65535.0
-        rgb = torch.from_numpy(arr / top).clamp(0, 1)[None, None].expand(1, 3, *arr.shape)
-    else:
-        try:
-            rgb = pil_to_tensor(img)
-        except ValueError as e:  # e.g. a LAB-mode TIFF: PIL cannot convert it
-            raise ImageError(f"unsupported colour mode {img.mode} ({e})") from None
-    return rgb.contiguous(), alpha
+    if img.mode in WIDE_MODES:
+        return np.broadcast_to(_wide_grey(img), (1, 3, img.height, img.width)), alpha
+    try:
+        return pil_to_array(img), alpha
+    except ValueError as e:  # e.g. a LAB-mode TIFF: PIL cannot convert it
+        raise ImageError(f"unsupported colour mode {img.mode} ({e})") from None
 
 
 def model_resolution(h, w, short, multiple=8, max_aspect=4):
@@ -91,54 +95,62 @@ def model_size(model, h, w, size=None):
     return model_resolution(h, w, short_side(model, size), 2 ** (len(model.config.dim_mults) - 1))
 
 
-def model_input(model, img: Image.Image, size=None) -> torch.Tensor:
-    """The greyscale the model sees: (1, 1, h, w) normalized L at model_size, on the CPU: an antialiased
-    bicubic resize of the image, then its L (the path the training data took). 8-bit images are resized by PIL,
-    before anything is converted at full size: a scan's 10 megapixels cost milliseconds."""
+def model_input(model, img: Image.Image, size=None) -> np.ndarray:
+    """The greyscale the model sees: (1, 1, h, w) normalized L at model_size: PIL's antialiased bicubic resize
+    of the image, then its L (the path the training data took), before anything is converted at full size: a
+    scan's 10 megapixels cost milliseconds. Deep greyscale is resized as floats, keeping its precision."""
     h, w = model_size(model, img.height, img.width, size)
-    if img.mode in ("L", "RGB"):
-        small = pil_to_tensor(img.resize((w, h), Image.BICUBIC))
-    else:  # 16-bit, palettes, alpha, CMYK: as greyscale_rgb reads them
-        small = F.interpolate(greyscale_rgb(img)[0], (h, w), mode="bicubic", antialias=True)
-    return lightness(small)
+    if img.mode in WIDE_MODES:
+        grey = np.asarray(Image.fromarray(_wide_grey(img), "F").resize((w, h), Image.BICUBIC))
+        return lightness(np.broadcast_to(grey, (1, 3, h, w)))
+    try:
+        return lightness(pil_to_array(img.resize((w, h), Image.BICUBIC) if img.mode in ("L", "RGB")
+                                      else img.convert("RGB").resize((w, h), Image.BICUBIC)))
+    except ValueError as e:  # e.g. a LAB-mode TIFF: PIL cannot convert it
+        raise ImageError(f"unsupported colour mode {img.mode} ({e})") from None
 
 
-def load_hints(path_or_image, size) -> torch.Tensor:
+def load_hints(path_or_image, size) -> np.ndarray:
     """Colour hints from an RGBA image (a path or PIL image) whose opaque pixels are the hints, scaled to
     `size` = (W, H) of the photo -> (1, 3, H, W): the hinted normalized ab, and a mask of the hinted pixels."""
     img = load_image(path_or_image) if isinstance(path_or_image, (str, os.PathLike)) else path_or_image
     name = path_or_image if isinstance(path_or_image, (str, os.PathLike)) else "hints"
     if "A" not in img.getbands() and "transparency" not in img.info:
         raise ImageError(f"{name}: hints need transparency (an RGBA image whose opaque pixels are the hints)")
-    img = img.convert("RGBA").resize(size, Image.NEAREST)
-    rgba = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None]
-    mask = (rgba[:, 3:] > 0.5).float()
+    rgba = np.asarray(img.convert("RGBA").resize(size, Image.NEAREST), dtype=np.float32).transpose(2, 0, 1)[None]
+    mask = (rgba[:, 3:] > 127).astype(np.float32)
     if not mask.any():
         raise ImageError(f"{name}: no hints (every pixel is transparent)")
-    return torch.cat([rgb_to_lab(rgba[:, :3])[:, 1:] * mask, mask], dim=1)
+    return np.concatenate([rgb_to_lab(rgba[:, :3] / 255)[:, 1:] * mask, mask], axis=1)
 
 
-def model_hints(hints: torch.Tensor, h, w) -> torch.Tensor:
+def model_hints(hints: np.ndarray, h, w) -> np.ndarray:
     """Full-size hints (1, 3, H, W) -> the model's resolution: each hinted model pixel takes the mean colour of
-    the hinted photo pixels it covers."""
-    pooled = F.adaptive_avg_pool2d(hints, (h, w))
-    mask = pooled[:, 2:] > 0
-    return torch.cat([pooled[:, :2] / pooled[:, 2:].clamp(min=1e-8) * mask, mask.float()], dim=1)
+    the hinted photo pixels it covers (PIL's box filter: each channel's mean over the area)."""
+    pooled = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(c), "F").resize((w, h), Image.BOX))
+                       for c in hints[0]])[None]
+    mask = pooled[:, 2:] > 1e-6
+    return np.concatenate([pooled[:, :2] / np.maximum(pooled[:, 2:], 1e-8) * mask, mask], axis=1, dtype=np.float32)
 
 
-def full_lightness(img: Image.Image) -> tuple[torch.Tensor, Image.Image | None]:
+def full_lightness(img: Image.Image) -> tuple[np.ndarray, Image.Image | None]:
     """The input's own L at full resolution (1, 1, H, W), and its alpha channel or None. 8-bit greyscale (most
     scans) through a table of its 256 levels; other images in strips: a 12-megapixel photo's temporaries would
     take gigabytes at once."""
     if img.mode in ("L", "LA"):
         grey = np.asarray(img.getchannel("L"))
-        return torch.from_numpy(GREY_LIGHTNESS[grey])[None, None], img.getchannel("A") if img.mode == "LA" else None
+        return GREY_LIGHTNESS[grey][None, None], img.getchannel("A") if img.mode == "LA" else None
     rgb, alpha = greyscale_rgb(img)
     rows = max(1, STRIP_PIXELS // rgb.shape[-1])
-    return torch.cat([lightness(rgb[..., top:top + rows, :]) for top in range(0, rgb.shape[-2], rows)], -2), alpha
+    return np.concatenate([lightness(rgb[..., top:top + rows, :]) for top in range(0, rgb.shape[-2], rows)], -2), alpha
 
 
-def recombine(img: Image.Image, ab: torch.Tensor, hints: torch.Tensor | None = None) -> list[Image.Image]:
+def upsample(ab: np.ndarray, H, W) -> np.ndarray:
+    """ab (2, h, w) -> (2, H, W), PIL's bilinear resize of each channel (antialiased when it shrinks)."""
+    return np.stack([np.asarray(Image.fromarray(c, "F").resize((W, H), Image.BILINEAR)) for c in ab])
+
+
+def recombine(img: Image.Image, ab: np.ndarray, hints: np.ndarray | None = None) -> list[Image.Image]:
     """The input's own full-resolution L + each of the K samples ab (K, 2, h, w), upsampled to its size ->
     K PIL RGB images (RGBA if the input had alpha). The input's L is computed once for all K. Hinted pixels
     (full-size `hints`, see load_hints) take the hinted colour. Colours outside sRGB lose chroma, not
@@ -148,12 +160,12 @@ def recombine(img: Image.Image, ab: torch.Tensor, hints: torch.Tensor | None = N
     rows = max(1, STRIP_PIXELS // W)
     outs = []
     for k in range(len(ab)):
-        ab_full = F.interpolate(ab[k:k + 1].float().cpu(), (H, W), mode="bilinear", align_corners=False)
+        ab_full = upsample(np.asarray(ab[k], np.float32), H, W)[None]
         if hints is not None:
-            ab_full = torch.where(hints[:, 2:] > 0, hints[:, :2], ab_full)
+            ab_full = np.where(hints[:, 2:] > 0, hints[:, :2], ab_full)
         out = np.empty((H, W, 3), np.uint8)
         for top in range(0, H, rows):
-            lab = torch.cat([L[..., top:top + rows, :], ab_full[..., top:top + rows, :]], dim=1)
+            lab = np.concatenate([L[..., top:top + rows, :], ab_full[..., top:top + rows, :]], axis=1)
             out[top:top + rows] = lab_to_rgb8(lab)[0]
         out = Image.fromarray(out)
         if alpha is not None:
@@ -162,23 +174,41 @@ def recombine(img: Image.Image, ab: torch.Tensor, hints: torch.Tensor | None = N
     return outs
 
 
-@torch.inference_mode()
-def colorize_batch(model, images, num_samples=1, seed=None, callback=None, amp=None, batch_size=DEFAULT_BATCH,
-                   hints=None, runtime=None, size=None, **sampling):
-    """Colorize a list of PIL images: returns, per image, a list of `num_samples` PIL images at that image's
-    exact size. Images with the same model resolution are sampled together, up to `batch_size` rows (an image
-    with num_samples=K takes K rows). `sampling` (sampler, steps, eta, min_signal, guidance, guidance_first,
-    guidance_interval, antithetic, spacing, dynamic_thresholding) goes to model.sample: what is not given is the
-    checkpoint's. `hints`: per image, None or full-size hints (load_hints). `runtime`: what runs the
-    networks (runtime.py; default: fast_runtime's, OpenVINO on a CPU; `model` itself for PyTorch). `size`: the
-    short side the model runs at (short_side). `seed`: one for every image, or a list, one per image;
-    sample k of an image is drawn from its seed + k alone, so an image gets the same colours whatever it is
-    batched with (up to float rounding) and the same call gives the same result bit for bit.
-    amp: bf16 autocast of PyTorch's runtime, see utils.use_bf16 (None: where it is fast).
-    callback(i, n, x_t, x0) sees each step of each batch (model-space tensors, num_samples rows per image)."""
+def _sample(model, L, generators, hints, callback, amp, runtime, sampling):
+    """ab_n (N, 2, h, w) of model-input L (N, 1, h, w), each row's noise drawn from its numpy generator: by a
+    ConvertedSampler (the checkpoint's own settings, nothing else), or by a model on the runtime given."""
+    if isinstance(model, ConvertedSampler):
+        asked = [k for k, v in sampling.items() if v not in (None, False)]
+        if asked or hints is not None or callback is not None:
+            raise ValueError(f"a converted sampler samples as its checkpoint does: not with "
+                             f"{', '.join(asked) or ('hints' if hints is not None else 'a callback')}")
+        return model(L, np.stack([g.standard_normal((model.draws, 2, *L.shape[2:]), dtype=np.float32)
+                                  for g in generators]))
+    import torch
     device = next(model.parameters()).device
     runtime = fast_runtime(model) if runtime is None else runtime
     amp = use_bf16(device, amp) and runtime is model  # autocast is PyTorch's
+    L = torch.from_numpy(L).to(device).contiguous(memory_format=torch.channels_last)
+    hints = None if hints is None else torch.from_numpy(hints).to(device)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        ab = model.sample(L, hints=hints, generator=generators, callback=callback, runtime=runtime, **sampling)
+    return ab.float().cpu().numpy()
+
+
+def colorize_batch(model, images, num_samples=1, seed=None, callback=None, amp=None, batch_size=DEFAULT_BATCH,
+                   hints=None, runtime=None, size=None, **sampling):
+    """Colorize a list of PIL images: returns, per image, a list of `num_samples` PIL images at that image's
+    exact size. `model`: a ColorDiffusion (load_model), or a ConvertedSampler (runtime.converted_sampler: its
+    checkpoint's settings only). Images with the same model resolution are sampled together, up to `batch_size`
+    rows (an image with num_samples=K takes K rows). `sampling` (sampler, steps, eta, min_signal, guidance,
+    guidance_first, guidance_interval, antithetic, spacing, dynamic_thresholding) goes to model.sample: what is
+    not given is the checkpoint's. `hints`: per image, None or full-size hints (load_hints). `runtime`: what runs
+    the networks (runtime.py; default: fast_runtime's, OpenVINO on a CPU; `model` itself for PyTorch). `size`:
+    the short side the model runs at (short_side). `seed`: one for every image, or a list, one per image;
+    sample k of an image is drawn from its seed + k alone (numpy's generator, on every runtime), so an image gets
+    the same colours whatever it is batched with (up to float rounding) and the same call gives the same result
+    bit for bit. amp: bf16 autocast of PyTorch's runtime, see utils.use_bf16 (None: where it is fast).
+    callback(i, n, x_t, x0) sees each step of each batch (model-space tensors, num_samples rows per image)."""
     seeds = [seed] * len(images) if isinstance(seed, int) else seed
     smalls = [model_input(model, img, size) for img in images]
     hinted = hints is not None and any(h is not None for h in hints)
@@ -190,19 +220,16 @@ def colorize_batch(model, images, num_samples=1, seed=None, callback=None, amp=N
     for idx in groups.values():
         for start in range(0, len(idx), per_batch):
             chunk = idx[start:start + per_batch]
-            L = torch.cat([smalls[i] for i in chunk]).repeat_interleave(num_samples, dim=0)
-            L = L.to(device).contiguous(memory_format=torch.channels_last)
+            L = np.concatenate([smalls[i] for i in chunk]).repeat(num_samples, axis=0)
             small_hints = None
             if hinted:  # images without hints get an empty mask
-                small_hints = torch.cat([model_hints(hints[i], *L.shape[-2:]) if hints[i] is not None
-                                         else torch.zeros(1, 3, *L.shape[-2:]) for i in chunk])
-                small_hints = small_hints.repeat_interleave(num_samples, dim=0).to(device)
+                small_hints = np.concatenate([model_hints(hints[i], *L.shape[-2:]) if hints[i] is not None
+                                              else np.zeros((1, 3, *L.shape[-2:]), np.float32) for i in chunk])
+                small_hints = small_hints.repeat(num_samples, axis=0)
             # sample k of an image draws its noise from seed + k alone: the same colours alone or in a folder
-            generator = None if seeds is None else [torch.Generator(device).manual_seed(seeds[i] + k)
-                                                    for i in chunk for k in range(num_samples)]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                ab = model.sample(L, hints=small_hints, generator=generator, callback=callback, runtime=runtime,
-                                  **sampling)
+            generators = [np.random.default_rng(None if seeds is None else seeds[i] + k)
+                          for i in chunk for k in range(num_samples)]
+            ab = _sample(model, L, generators, small_hints, callback, amp, runtime, sampling)
             for j, i in enumerate(chunk):  # one at a time: a full-size 4000x4000 LAB image is large
                 results[i] = recombine(images[i], ab[j * num_samples:(j + 1) * num_samples],
                                        None if hints is None else hints[i])
@@ -228,7 +255,7 @@ class UsageError(Exception):
 
 def add_sampling_args(p):
     """The sampler flags, for this command line and evaluate.py; each defaults to the checkpoint's setting."""
-    p.add_argument("--sampler", choices=list(SAMPLERS), help="ddim, dpm++2m (fewer steps), or ddpm: the full "
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, help="ddim, dpm++2m (fewer steps), or ddpm: the full "
                    "ancestral loop over every timestep (slow). Default: the checkpoint's")
     p.add_argument("--ddpm", action="store_const", const="ddpm", dest="sampler", help="the same as --sampler ddpm: "
                    "the faithful ancestral loop over every timestep. The checkpoint's guidance is chosen for its few "
@@ -389,12 +416,34 @@ def _shown(path):
     return os.path.abspath(path) if where.startswith("..") else where
 
 
-def _load(args, device):
+def samples_as_checkpoint(args):
+    """Whether a command line (this one's, evaluate.py's) samples as its checkpoint does, on a CPU with OpenVINO:
+    no sampling flag but --size, no hints, no GIF (its frames are each step's), no GPU --device auto would take.
+    Then runtime.converted_sampler runs it."""
+    flags = [k for k, v in sampling_kwargs(args).items() if k != "size" and v not in (None, False)]
+    cpu = args.device == "cpu" or (args.device == "auto" and not may_have_gpu())
+    return cpu and args.runtime != "torch" and not (flags or args.hints or getattr(args, "save_gif", None))
+
+
+def _load(args):
+    """What the command samples with: the checkpoint's ConvertedSampler where it samples as its checkpoint does
+    (runtime.py: PyTorch is not even imported), else its ColorDiffusion on --device."""
     if not os.path.exists(args.checkpoint):
         if os.path.abspath(args.checkpoint) in (DEFAULT_CHECKPOINT, TEACHER_CHECKPOINT):
             raise CheckpointError(f"no model at {_shown(args.checkpoint)}: train one with train.py, or pass "
                                   "--checkpoint PATH (e.g. runs/celeba64/ckpt.pt)")
         raise CheckpointError(f"{args.checkpoint}: no such checkpoint")
+    if samples_as_checkpoint(args):
+        model = converted_sampler(args.checkpoint)
+        if model is not None:  # None: no OpenVINO, or a sampling too long to convert whole
+            return model
+    import torch
+    from model import load_model
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     model = load_model(args.checkpoint, device)
     # what the model cannot do, said before anything slow (a conversion for OpenVINO) starts
     if model.config.distil_steps and (args.guidance is not None or args.guidance_first is not None):
@@ -441,7 +490,7 @@ def save_result(img: Image.Image, path, source: Image.Image) -> None:
     save_image(img, path, **_save_params(_writable_ext(path), source))
 
 
-def run_file(args, device):
+def run_file(args):
     src = args.image_path
     stem, ext = os.path.splitext(os.path.basename(src))
     default_name = f"{stem}_color{ext if ext.lower() in IMAGE_EXTENSIONS else '.png'}"
@@ -468,11 +517,13 @@ def run_file(args, device):
         raise ImageError(f"{src}: cannot convert its {img.mode} pixels ({e})") from None
     if colour:
         print(f"note: {src} is a colour photo: it is colorized from its greyscale version", file=sys.stderr)
-    model = _load(args, device)
+    model = _load(args)
     kwargs = _sampler_kwargs(args)
-    runtime = fast_runtime(model, args.runtime)
+    converted = isinstance(model, ConvertedSampler)  # it samples in one call: no steps to show
+    runtime = None if converted else fast_runtime(model, args.runtime)
     recorder = GifRecorder(model, model_input(model, img, args.size), args.gif_show) if args.save_gif else None
-    bar = tqdm(unit="step", leave=False, file=sys.stderr, disable=None)  # shown on a terminal only
+    # each step, on a terminal only; a converted sampler's are one call
+    bar = tqdm(unit="step", leave=False, file=sys.stderr, disable=True if converted else None)
 
     def callback(i, n, x_t, x0):
         bar.total = n
@@ -480,7 +531,7 @@ def run_file(args, device):
         if recorder:
             recorder(i, n, x_t, x0)
     t0 = time.time()
-    results = colorize(model, img, callback=callback, hints=hints, runtime=runtime, **kwargs)
+    results = colorize(model, img, callback=None if converted else callback, hints=hints, runtime=runtime, **kwargs)
     seconds = time.time() - t0
     bar.close()
     if results[0].mode == "RGBA" and fmt == "JPEG":
@@ -495,7 +546,7 @@ def run_file(args, device):
     return 0
 
 
-def run_folder(args, device):
+def run_folder(args):
     src = os.path.normpath(args.image_path)
     if args.save_gif or args.hints:
         raise UsageError(f"{'--save-gif' if args.save_gif else '--hints'} works with a single image, not a folder")
@@ -521,7 +572,7 @@ def run_folder(args, device):
         raise UsageError(f"{len(existing)} output(s) exist in {out_dir}, e.g. {existing[0]} "
                          "(pass --overwrite to replace them, or --skip-existing)")
     _check_outputs(existing, inputs, args.overwrite)
-    model = _load(args, device)  # first: a checkpoint that cannot do what was asked leaves no empty folder
+    model = _load(args)  # first: a checkpoint that cannot do what was asked leaves no empty folder
     _make_dir(out_dir)
     per_batch = max(1, args.batch_size // args.num_samples)
     # a batch holds photos of one model resolution: each shape of batch compiles networks of its own (0.3-1 s),
@@ -532,7 +583,7 @@ def run_folder(args, device):
         by_resolution.setdefault(model_size(model, *size, args.size) if size else None, []).append(job)
     batches = [group[i:i + per_batch] for group in by_resolution.values() for i in range(0, len(group), per_batch)]
     kwargs = _sampler_kwargs(args)
-    runtime = fast_runtime(model, args.runtime)
+    runtime = None if isinstance(model, ConvertedSampler) else fast_runtime(model, args.runtime)
 
     failed, colour, done = [], 0, 0  # failed: (input path, reason), reported in the folder's order
     bar = tqdm(total=len(jobs), unit="img", dynamic_ncols=True, file=sys.stderr)
@@ -580,28 +631,24 @@ def main(argv=None):
     except SystemExit as e:  # --help, or a flag error already printed: a status, not an exception
         return e.code
     try:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        device = pick_device(args.device)
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         if not os.path.exists(args.image_path):
             raise UsageError(f"{args.image_path}: no such file or folder")
         if os.path.isdir(args.image_path):
-            return run_folder(args, device)
-        return run_file(args, device)
+            return run_folder(args)
+        return run_file(args)
     except (UsageError, ImageError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except torch.OutOfMemoryError:
-        print("error: out of memory: try a smaller --batch-size or --num-samples, or --device cpu",
-              file=sys.stderr)
     except Exception as e:  # an unexpected failure still gets one line; COLOR_DIFFUSION_DEBUG=1 shows the trace
         if os.environ.get("COLOR_DIFFUSION_DEBUG"):
             raise
-        print(f"error: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+        if "torch" in sys.modules and isinstance(e, sys.modules["torch"].OutOfMemoryError):
+            print("error: out of memory: try a smaller --batch-size or --num-samples, or --device cpu",
+                  file=sys.stderr)
+        else:
+            print(f"error: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
     return 1
 
 

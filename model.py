@@ -8,36 +8,13 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 
+import numpy as np
 import torch
 from torch import nn
 
 from unet import GreyscaleEncoder, UNet
-from utils import folder_weight
-
-
-# Where each sampling setting makes sense: one table for the config, the command lines and the web page. Outside
-# it (or NaN, or infinite) a photo comes out black, or the machine is held for minutes, never a better picture.
-SAMPLING_LIMITS = {"steps": (1, 1000), "eta": (0, 5), "min_signal": (0, 0.99), "guidance": (0, 10),
-                   "guidance_first": (0, 10), "size": (8, 1024)}
-SPACINGS = ("linspace", "trailing")  # see timesteps
-
-
-def range_check(value, name, low, high):
-    """(ok, message): a finite number from low to high."""
-    ok = isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high
-    return ok, f"{name} must be a number from {low} to {high}, not {value}"
-
-
-def guidance_check(guidance, cond_drop):
-    """(ok, message): guidance other than 1 needs the unconditional colours that only cond_drop > 0 trains.
-    One check for the config and for a guidance given at sampling time."""
-    return guidance == 1 or cond_drop > 0, "guidance other than 1 needs a model trained with cond_drop > 0"
-
-
-def interval_check(interval, name):
-    """(ok, message) for the steps guidance applies at: two signal levels, 0 <= low <= high <= 1."""
-    ok = len(interval) == 2 and 0 <= interval[0] <= interval[1] <= 1
-    return ok, f"{name} must be two signal levels, 0 <= low <= high <= 1"
+from utils import (SAMPLER_NAMES, SAMPLING_LIMITS, SPACINGS, CheckpointError, folder_weight, guidance_check,
+                   interval_check, range_check)
 
 
 def guidance_scales(alphas_cumprod, guidance, interval, first=None):
@@ -305,11 +282,15 @@ def antithetic_start(denoise, t_start, centre, a_start):
 
 
 def randn(shape, generator=None, device=None, dtype=None):
-    """Standard normal noise of `shape`. `generator`: None, a torch.Generator, or a list of them, one per row:
-    then each row's noise comes from its own generator alone, whatever it is batched with (a photo's colours
-    at a seed do not depend on the other photos of a folder)."""
+    """Standard normal noise of `shape`. `generator`: None, a torch.Generator, a list of numpy Generators, one
+    per row, or a callable shape -> noise (runtime.py's converted sampler, whose noise is an input). With numpy's,
+    each row's noise comes from its own generator alone, on any device: a photo's colours at a seed depend
+    neither on the other photos of a folder nor on what runs the networks (inference.py draws with numpy)."""
+    if callable(generator):
+        return generator(shape)
     if isinstance(generator, (list, tuple)):
-        return torch.stack([torch.randn(shape[1:], generator=g, device=device, dtype=dtype) for g in generator])
+        rows = [g.standard_normal(shape[1:], dtype=np.float32) for g in generator]
+        return torch.from_numpy(np.stack(rows)).to(device=device, dtype=dtype)
     return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
 
@@ -369,7 +350,7 @@ def dpmpp_2m_sample(denoise, x, alphas_cumprod, steps, eta=0.0, generator=None, 
     return x
 
 
-SAMPLERS = {"ddim": ddim_sample, "dpm++2m": dpmpp_2m_sample, "ddpm": ddpm_sample}
+SAMPLERS = dict(zip(SAMPLER_NAMES, (ddim_sample, dpmpp_2m_sample, ddpm_sample)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -617,10 +598,6 @@ def ema_update(ema, model, decay):
 
 # ---------------------------------------------------------------------------------------------------------
 # checkpoints: one file, plain tensors and Python values only, so loading never unpickles code
-
-class CheckpointError(Exception):
-    pass
-
 
 def save_checkpoint(path, state):
     """Write atomically: a crash mid-write leaves the previous checkpoint intact."""

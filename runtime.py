@@ -1,36 +1,53 @@
-"""A fast CPU runtime: the greyscale encoder and the UNet compiled by OpenVINO.
+"""A fast CPU runtime: the networks compiled by OpenVINO, in bf16 where the CPU computes it natively.
 
 A runtime is anything with `.encoder(L) -> feats` and `.unet(x, t, feats, w) -> eps`, as ColorDiffusion itself
 has (PyTorch: the reference, and the GPU path); model.sample(runtime=...) runs its networks. OpenVINORuntime
-compiles both networks for this CPU, in bf16 where the CPU computes it natively. Each network is converted once
-per set of weights into CACHE (a few seconds, the first time only) and compiled once per input shape; OpenVINO
-keeps the compiled blobs there too, so a later process compiles nothing.
+compiles both networks for this CPU: any sampler, any settings, a callback at each step.
+
+ConvertedSampler is a checkpoint's own sampling (model.sample at its config's settings) converted whole into one
+network, noise an input: what the command runs by default. Loading it needs neither the checkpoint nor PyTorch,
+whose import alone takes 1.3-2 s of a 2.3 s command (docs/experiments.md, section 35), so PyTorch is imported
+here only where a network is converted.
+
+Each network is converted once (a few seconds, the first time only) into CACHE and compiled once per input shape;
+OpenVINO keeps the compiled blobs there too, so a later process compiles nothing.
 """
 import hashlib
+import json
 import os
 import shutil
 import sys
 import tempfile
+import types
 import warnings
 import weakref
 
-import torch
-from torch import nn
+from utils import cpu_has_bf16
 
-from utils import bf16_is_fast
-
+HERE = os.path.dirname(os.path.abspath(__file__))
+MAX_CONVERTED_STEPS = 16  # a converted sampler holds every UNet pass: the teacher's default takes 8-16
 CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "color-diffusion")
 
 
-class _UNetCall(nn.Module):
-    """model.unet.denoise with the encoder's features as separate inputs: the form OpenVINO converts."""
+def _precision():
+    return "bf16" if cpu_has_bf16() else "f32"
 
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
 
-    def forward(self, x, t_emb, *feats):
-        return self.unet.denoise(x, t_emb, list(feats))
+def _save_whole(folder, networks, extra=None):
+    """Save converted networks {name: network} (and a JSON `extra`) into `folder`, written whole into a temporary
+    folder then moved: a crash leaves no half model, and another process converting the same leaves one."""
+    import openvino as ov
+    os.makedirs(CACHE, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=CACHE)
+    for name, network in networks.items():
+        ov.save_model(network, os.path.join(tmp, f"{name}.xml"))
+    if extra is not None:
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(extra, f)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process got there first
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def fingerprint(model) -> str:
@@ -38,6 +55,7 @@ def fingerprint(model) -> str:
     (no path needed, so a model loaded any way finds its conversion; sampling settings do not matter)."""
     c = model.config
     h = hashlib.sha1(repr([(k, getattr(c, k)) for k in c.model_fields()]).encode())
+    import torch
     for k, v in model.state_dict().items():
         h.update(k.encode())
         h.update(v.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
@@ -46,10 +64,10 @@ def fingerprint(model) -> str:
 
 class _Network:
     """One converted network, compiled once per tuple of input shapes (static shapes run faster than dynamic
-    ones); called with tensors, returns its outputs as float32 tensors."""
+    ones); called with float32 arrays, returns its outputs as float32 arrays."""
 
-    def __init__(self, core, xml, config):
-        self.core, self.network, self.config, self.requests = core, core.read_model(xml), config, {}
+    def __init__(self, core, xml):
+        self.core, self.network, self.requests = core, core.read_model(xml), {}
         self.outputs = len(self.network.outputs)
 
     def __call__(self, *inputs):
@@ -57,10 +75,18 @@ class _Network:
         if shapes not in self.requests:
             network = self.network.clone()
             network.reshape({port: shape for port, shape in zip(network.inputs, shapes)})
-            self.requests[shapes] = self.core.compile_model(network, "CPU", self.config).create_infer_request()
+            config = {"INFERENCE_PRECISION_HINT": _precision()}
+            self.requests[shapes] = self.core.compile_model(network, "CPU", config).create_infer_request()
         request = self.requests[shapes]
-        request.infer([i.detach().float().numpy() for i in inputs])
-        return [torch.from_numpy(request.get_output_tensor(k).data.copy()) for k in range(self.outputs)]
+        request.infer(list(inputs))
+        return [request.get_output_tensor(k).data.copy() for k in range(self.outputs)]
+
+
+def _core(folder):
+    import openvino as ov
+    core = ov.Core()
+    core.set_property({"CACHE_DIR": folder})
+    return core
 
 
 class OpenVINORuntime:
@@ -74,17 +100,25 @@ class OpenVINORuntime:
         folder = os.path.join(CACHE, hashlib.sha1(key.encode()).hexdigest()[:16])
         if not os.path.exists(os.path.join(folder, "unet.xml")):
             self._convert(model, folder)
-        self.core = ov.Core()
-        self.core.set_property({"CACHE_DIR": folder})
-        self.precision = "bf16" if bf16_is_fast(torch.device("cpu")) else "f32"
-        config = {"INFERENCE_PRECISION_HINT": self.precision}
-        self._unet = _Network(self.core, os.path.join(folder, "unet.xml"), config)
-        self._encoder = _Network(self.core, os.path.join(folder, "encoder.xml"), config)
+        self.core = _core(folder)
+        self.precision = _precision()
+        self._unet = _Network(self.core, os.path.join(folder, "unet.xml"))
+        self._encoder = _Network(self.core, os.path.join(folder, "encoder.xml"))
         self.embed = model.unet.embed
 
     @staticmethod
     def _convert(model, folder):
         import openvino as ov
+        import torch
+
+        class UNetCall(torch.nn.Module):  # unet.denoise with the encoder's features as separate inputs
+            def __init__(self, unet):
+                super().__init__()
+                self.unet = unet
+
+            def forward(self, x, t_emb, *feats):
+                return self.unet.denoise(x, t_emb, list(feats))
+
         c = model.config
         L = torch.zeros(1, 1, c.image_size, c.image_size)
         x = torch.zeros(1, model.unet.init_conv.in_channels, c.image_size, c.image_size)
@@ -92,24 +126,89 @@ class OpenVINORuntime:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tracer's warnings about torch.jit are for developers
             t_emb = model.unet.embed(torch.zeros(1, dtype=torch.long), torch.ones(1))
-            unet = ov.convert_model(_UNetCall(model.unet).float().eval(), example_input=(x, t_emb, *model.encoder(L)))
+            unet = ov.convert_model(UNetCall(model.unet).float().eval(), example_input=(x, t_emb, *model.encoder(L)))
             encoder = ov.convert_model(model.encoder.float().eval(), example_input=(L,))
-        os.makedirs(CACHE, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=CACHE)  # written whole, then moved: a crash leaves no half model
-        ov.save_model(unet, os.path.join(tmp, "unet.xml"))
-        ov.save_model(encoder, os.path.join(tmp, "encoder.xml"))
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process got there first
-            shutil.rmtree(tmp, ignore_errors=True)
+        _save_whole(folder, {"unet": unet, "encoder": encoder})
 
     def encoder(self, L):
-        return self._encoder(L)
+        import torch
+        return [torch.from_numpy(f) for f in self._encoder(L.detach().float().numpy())]
 
     def unet(self, x, t, feats, w=None):
+        import torch
         with torch.no_grad():
             t_emb = self.embed(t, None if w is None else w.float())
-        return self._unet(x, t_emb, *feats)[0]
+        inputs = [v.detach().float().numpy() for v in (x, t_emb, *feats)]
+        return torch.from_numpy(self._unet(*inputs)[0])
+
+
+class ConvertedSampler:
+    """A checkpoint's own sampling, converted whole (see convert_sampler): called with L (N, 1, h, w) and noise
+    (N, draws, 2, h, w), float32 arrays, returns ab_n (N, 2, h, w). Its `config` holds the checkpoint's settings,
+    as a model's does. Made from its folder alone: no PyTorch, no checkpoint."""
+
+    def __init__(self, folder):
+        with open(os.path.join(folder, "meta.json")) as f:
+            meta = json.load(f)
+        self.config = types.SimpleNamespace(**{k: tuple(v) if isinstance(v, list) else v
+                                               for k, v in meta["config"].items()})
+        self.draws = meta["draws"]
+        self._network = _Network(_core(folder), os.path.join(folder, "sampler.xml"))
+
+    def __call__(self, L, noise):
+        return self._network(L, noise)[0]
+
+
+def convert_sampler(model, folder):
+    """Trace model.sample at its config's settings, PyTorch running the networks and each noise it draws read
+    from an input, and save it for OpenVINO into `folder`, with the config and the number of draws."""
+    import openvino as ov
+    import torch
+
+    class Sample(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, L, noise):
+            draws = iter(noise.unbind(1))
+            return self.model.sample(L, generator=lambda shape: next(draws))
+
+    L, shapes = torch.zeros(2, 1, model.config.image_size, model.config.image_size), []
+    print("note: converting the model's sampling for OpenVINO, once for this checkpoint", file=sys.stderr)
+    with torch.no_grad(), warnings.catch_warnings():
+        model.sample(L, generator=lambda shape: shapes.append(shape) or torch.zeros(shape))  # counts the draws
+        warnings.simplefilter("ignore")  # the tracer's warnings about torch.jit are for developers
+        network = ov.convert_model(Sample().eval(), example_input=(L, torch.zeros(2, len(shapes), 2, *L.shape[2:])))
+    _save_whole(folder, {"sampler": network}, {"config": model.config.to_dict(), "draws": len(shapes)})
+
+
+def _sampler_key(checkpoint, version) -> str:
+    """A hash of the checkpoint file, of the code its sampling was traced from (so a changed sampler is converted
+    again) and of OpenVINO's version: a 20 MB checkpoint takes 30 ms."""
+    h = hashlib.sha1(version.encode())
+    for path in (checkpoint, *(os.path.join(HERE, f) for f in ("model.py", "unet.py"))):
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def converted_sampler(checkpoint):
+    """The ConvertedSampler of a checkpoint file: from CACHE, or converted into it first (PyTorch is imported
+    then). None without OpenVINO, or where the checkpoint's sampling is too long to unroll (ddpm, many steps)."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    folder = os.path.join(CACHE, "sampler-" + _sampler_key(checkpoint, ov.__version__))
+    if not os.path.exists(os.path.join(folder, "meta.json")):
+        from model import load_model
+        model = load_model(checkpoint)
+        if model.config.sampler == "ddpm" or model.config.sample_steps > MAX_CONVERTED_STEPS:
+            return None
+        convert_sampler(model, folder)
+    return ConvertedSampler(folder)
 
 
 _RUNTIMES = weakref.WeakKeyDictionary()  # model -> its runtime: converted and compiled once per process

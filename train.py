@@ -91,8 +91,9 @@ def evaluate(ema, val, device, amp, n_loss=256, n_samples=8):
         truth = batch[:n_samples]
         ab = ema.sample(truth[:, :1], generator=g)
     grey = torch.cat([truth[:, :1], torch.zeros_like(truth[:, 1:])], 1)
-    rows = [lab_to_rgb(x) for x in (grey, torch.cat([truth[:, :1], ab.float()], 1), truth)]
-    return sum(losses) / len(batch), to_pil_image(make_grid(torch.cat(rows), nrow=len(truth), padding=0))
+    rows = torch.cat([grey, torch.cat([truth[:, :1], ab.float()], 1), truth]).float().cpu().numpy()
+    return sum(losses) / len(batch), to_pil_image(make_grid(torch.from_numpy(lab_to_rgb(rows)), nrow=len(truth),
+                                                            padding=0))
 
 
 def run_config(resume, init, given, ckpt_path):

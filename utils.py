@@ -1,120 +1,150 @@
-"""Colour conversion, image I/O and device choice: the bottom layer, no model code here.
+"""Colour conversion, image I/O, the sampling settings' limits and device choice: the bottom layer, in numpy and
+PIL, no model code and no PyTorch here (the default command runs without it, see runtime.py).
 
 Model-space LAB ("normalized LAB") is used everywhere above this file:
     L_n  = L / 50 - 1        L  in [0, 100]      -> L_n  in [-1, 1]
     ab_n = ab / 110          ab in about +-110   -> ab_n in about [-1, 1]   (the original's scaling)
 """
 import argparse
+import math
 import os
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 AB_NORM = 110.0
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 
 # sRGB D65 matrices and white point, the same constants scikit-image uses, so both agree to float error.
-_RGB2XYZ = torch.tensor([[0.412453, 0.357580, 0.180423],
-                         [0.212671, 0.715160, 0.072169],
-                         [0.019334, 0.119193, 0.950227]])
-_XYZ2RGB = torch.linalg.inv(_RGB2XYZ)
-_WHITE = torch.tensor([0.95047, 1.0, 1.08883])
+_RGB2XYZ = np.array([[0.412453, 0.357580, 0.180423],
+                     [0.212671, 0.715160, 0.072169],
+                     [0.019334, 0.119193, 0.950227]], np.float32)
+_WHITE = np.array([0.95047, 1.0, 1.08883], np.float32)
+_XYZ2RGB = (np.linalg.inv(_RGB2XYZ.astype(np.float64)) * _WHITE).astype(np.float32)  # from XYZ relative to white
 
 
 class ImageError(Exception):
     """A file that cannot be used as an image; the message is meant for the user."""
 
 
-def _linearize(rgb: torch.Tensor) -> torch.Tensor:
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message is meant for the user."""
+
+
+# Where each sampling setting makes sense: one table for the config, the command lines and the web page. Outside
+# it (or NaN, or infinite) a photo comes out black, or the machine is held for minutes, never a better picture.
+SAMPLING_LIMITS = {"steps": (1, 1000), "eta": (0, 5), "min_signal": (0, 0.99), "guidance": (0, 10),
+                   "guidance_first": (0, 10), "size": (8, 1024)}
+SPACINGS = ("linspace", "trailing")  # see model.timesteps
+SAMPLER_NAMES = ("ddim", "dpm++2m", "ddpm")  # model.SAMPLERS
+
+
+def range_check(value, name, low, high):
+    """(ok, message): a finite number from low to high."""
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high
+    return ok, f"{name} must be a number from {low} to {high}, not {value}"
+
+
+def guidance_check(guidance, cond_drop):
+    """(ok, message): guidance other than 1 needs the unconditional colours that only cond_drop > 0 trains.
+    One check for the config and for a guidance given at sampling time."""
+    return guidance == 1 or cond_drop > 0, "guidance other than 1 needs a model trained with cond_drop > 0"
+
+
+def interval_check(interval, name):
+    """(ok, message) for the steps guidance applies at: two signal levels, 0 <= low <= high <= 1."""
+    ok = len(interval) == 2 and 0 <= interval[0] <= interval[1] <= 1
+    return ok, f"{name} must be two signal levels, 0 <= low <= high <= 1"
+
+
+def _linearize(rgb: np.ndarray) -> np.ndarray:
     """RGB in [0, 1] (clipped) -> linear sRGB: sRGB's transfer curve undone."""
-    rgb = rgb.float().clamp(0, 1)
-    return torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+    rgb = np.clip(rgb, 0, 1, dtype=np.float32)
+    return np.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
 
 
-def _lab_f(t: torch.Tensor) -> torch.Tensor:
+def _lab_f(t: np.ndarray) -> np.ndarray:
     """CIELAB's compression of XYZ relative to white: a cube root, linear near black."""
-    return torch.where(t > 0.008856, t.clamp(min=1e-12) ** (1 / 3), 7.787 * t + 16 / 116)
+    return np.where(t > 0.008856, np.cbrt(t), 7.787 * t + 16 / 116)
 
 
-def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) RGB in [0, 1] -> normalized LAB (N, 3, H, W)."""
-    xyz = torch.einsum("ij,njhw->nihw", _RGB2XYZ.to(rgb.device), _linearize(rgb))
-    f = _lab_f(xyz / _WHITE.to(rgb.device).view(1, 3, 1, 1))
+def _colour_matrix(m: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """A 3x3 matrix applied to each pixel of (N, 3, H, W): one matrix product."""
+    return (m @ x.reshape(*x.shape[:2], -1)).reshape(x.shape)
+
+
+def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """(N, 3, H, W) RGB in [0, 1] -> normalized LAB (N, 3, H, W), float32."""
+    f = _lab_f(_colour_matrix(_RGB2XYZ / _WHITE[:, None], _linearize(rgb)))
     L = 116 * f[:, 1:2] - 16
     a = 500 * (f[:, 0:1] - f[:, 1:2])
     b = 200 * (f[:, 1:2] - f[:, 2:3])
-    return torch.cat([L / 50 - 1, a / AB_NORM, b / AB_NORM], dim=1)
+    return np.concatenate([L / 50 - 1, a / AB_NORM, b / AB_NORM], axis=1)
 
 
-def lightness(rgb: torch.Tensor) -> torch.Tensor:
+def lightness(rgb: np.ndarray) -> np.ndarray:
     """(N, 3, H, W) RGB in [0, 1] -> normalized L (N, 1, H, W): rgb_to_lab's first channel alone, a third of its
     work (a photo's full-resolution L is all inference needs of it)."""
-    y = torch.einsum("j,njhw->nhw", _RGB2XYZ[1].to(rgb.device), _linearize(rgb))[:, None]  # white's Y is 1
+    y = np.einsum("j,njhw->nhw", _RGB2XYZ[1], _linearize(rgb))[:, None]  # white's Y is 1
     return (116 * _lab_f(y) - 16) / 50 - 1
 
 
 # the L of each 8-bit grey level (R = G = B), for greyscale photos: a table lookup instead of arithmetic
-GREY_LIGHTNESS = lightness(torch.linspace(0, 1, 256).view(1, 1, 1, 256).expand(1, 3, 1, 256))[0, 0, 0].numpy()
+GREY_LIGHTNESS = lightness(np.broadcast_to(np.linspace(0, 1, 256, dtype=np.float32), (1, 3, 1, 256)))[0, 0, 0]
 
 
-def _lab_to_xyz(lab: torch.Tensor) -> torch.Tensor:
+def _lab_to_xyz(lab: np.ndarray) -> np.ndarray:
     """Normalized LAB -> XYZ relative to the white point (not yet scaled by it), unclipped."""
-    lab = lab.float()
+    lab = np.asarray(lab, np.float32)
     fy = lab[:, 0:1] * (50 / 116) + 66 / 116  # (L + 16) / 116, L = (L_n + 1) * 50
-    f = torch.cat([fy + lab[:, 1:2] * (AB_NORM / 500), fy, fy - lab[:, 2:3] * (AB_NORM / 200)], dim=1)
-    # few full-size temporaries: at a scan's size, allocating them costs more than the arithmetic
-    return torch.where(f > 0.2068966, f.pow(3), f.sub(16 / 116).div_(7.787))
+    f = np.concatenate([fy + lab[:, 1:2] * (AB_NORM / 500), fy, fy - lab[:, 2:3] * (AB_NORM / 200)], axis=1)
+    return np.where(f > 0.2068966, f ** 3, (f - 16 / 116) / 7.787)
 
 
-def _colour_matrix(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A 3x3 matrix applied to each pixel of (N, 3, H, W): one matrix product."""
-    return (m.to(x.device) @ x.flatten(2)).view_as(x)
-
-
-def _encode(lin: torch.Tensor) -> torch.Tensor:
+def _encode(lin: np.ndarray) -> np.ndarray:
     """Linear sRGB -> RGB in [0, 1] (sRGB's transfer curve), clipped."""
-    lin = lin.clamp(min=0)
-    return torch.where(lin > 0.0031308, 1.055 * lin ** (1 / 2.4) - 0.055, 12.92 * lin).clamp(0, 1)
+    lin = np.maximum(lin, 0)
+    return np.clip(np.where(lin > 0.0031308, 1.055 * lin ** (1 / 2.4) - 0.055, 12.92 * lin), 0, 1)
 
 
-def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
+def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
     """Normalized LAB (N, 3, H, W) -> RGB in [0, 1] (out-of-gamut colours are clipped)."""
-    return _encode(_colour_matrix(_XYZ2RGB * _WHITE, _lab_to_xyz(lab).clamp(min=0)))
+    return _encode(_colour_matrix(_XYZ2RGB, np.maximum(_lab_to_xyz(lab), 0)))
 
 
-def _lab_to_linear(lab: torch.Tensor) -> torch.Tensor:
+def _lab_to_linear(lab: np.ndarray) -> np.ndarray:
     """Normalized LAB -> linear sRGB, unclipped: a channel outside [0, 1] means out of gamut."""
-    return _colour_matrix(_XYZ2RGB * _WHITE, _lab_to_xyz(lab))
+    return _colour_matrix(_XYZ2RGB, _lab_to_xyz(lab))
 
 
-def _in_gamut(lin: torch.Tensor, dim: int, tol: float) -> torch.Tensor:
-    """Whether each pixel's linear sRGB (channels along `dim`) lies in [0, 1], to within tol."""
-    low, high = torch.aminmax(lin, dim=dim)
-    return (low >= -tol) & (high <= 1 + tol)
+def _in_gamut(lin: np.ndarray, axis: int, tol: float) -> np.ndarray:
+    """Whether each pixel's linear sRGB (channels along `axis`) lies in [0, 1], to within tol."""
+    return (lin.min(axis=axis) >= -tol) & (lin.max(axis=axis) <= 1 + tol)
 
 
-def _gamut_fit(lab: torch.Tensor, iters: int, tol: float):
+def _gamut_fit(lab: np.ndarray, iters: int, tol: float):
     """(fit_to_gamut(lab), its linear sRGB)."""
-    lab = lab.float()
+    lab = np.asarray(lab, np.float32)
     lin = _lab_to_linear(lab)
     bad = ~_in_gamut(lin, 1, tol)  # (N, H, W)
     if not bad.any():
         return lab, lin
-    lab, lin = lab.clone(), lin.clone()
-    pix = lab.transpose(0, 1)[:, bad]  # (3, P): channels first, so each trial is one contiguous conversion
-    lo, hi = torch.zeros(pix.shape[1], device=lab.device), torch.ones(pix.shape[1], device=lab.device)
+    lab, lin = lab.copy(), lin.copy()
+    n, h, w = np.nonzero(bad)
+    pix = lab[n, :, h, w].T[None, :, :, None]  # (1, 3, P, 1): each trial is one conversion of the bad pixels
+    lo, hi = np.zeros(pix.shape[2], np.float32), np.ones(pix.shape[2], np.float32)
     for _ in range(iters):
         mid = (lo + hi) / 2
-        ok = _in_gamut(_lab_to_linear(torch.cat([pix[:1], pix[1:] * mid])[None, :, :, None])[0, :, :, 0], 0, tol)
-        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
-    fitted = torch.cat([pix[:1], pix[1:] * lo])[None, :, :, None]
-    lab.transpose(0, 1)[:, bad] = fitted[0, :, :, 0]
-    lin.transpose(0, 1)[:, bad] = _lab_to_linear(fitted)[0, :, :, 0]
+        trial = np.concatenate([pix[:, :1], pix[:, 1:] * mid[:, None]], axis=1)
+        ok = _in_gamut(_lab_to_linear(trial)[0, :, :, 0], 0, tol)
+        lo, hi = np.where(ok, mid, lo), np.where(ok, hi, mid)
+    fitted = np.concatenate([pix[:, :1], pix[:, 1:] * lo[:, None]], axis=1)
+    lab[n, :, h, w] = fitted[0, :, :, 0].T
+    lin[n, :, h, w] = _lab_to_linear(fitted)[0, :, :, 0].T
     return lab, lin
 
 
-def fit_to_gamut(lab: torch.Tensor, iters: int = 12, tol: float = 1e-5) -> torch.Tensor:
+def fit_to_gamut(lab: np.ndarray, iters: int = 12, tol: float = 1e-5) -> np.ndarray:
     """Normalized LAB (N, 3, H, W) -> the same with each out-of-sRGB-gamut pixel's chroma scaled down
     (bisection, to 1/2**iters) until it fits, keeping its L and hue. lab_to_rgb's per-channel clipping would
     change the lightness of such pixels instead. Every L in [0, 100] fits at zero chroma."""
@@ -122,29 +152,25 @@ def fit_to_gamut(lab: torch.Tensor, iters: int = 12, tol: float = 1e-5) -> torch
 
 
 # sRGB's curve as a table from linear light (16 bits: within 0.05 of a level) to 8-bit: no power per pixel
-_SRGB8 = (_encode(torch.linspace(0, 1, 65536)) * 255).round().byte().numpy()
+_SRGB8 = (_encode(np.linspace(0, 1, 65536, dtype=np.float32)) * 255).round().astype(np.uint8)
 
 
-def lab_to_rgb8(lab: torch.Tensor) -> np.ndarray:
+def lab_to_rgb8(lab: np.ndarray) -> np.ndarray:
     """Normalized LAB (N, 3, H, W) -> 8-bit RGB (N, H, W, 3) uint8 of fit_to_gamut(lab), each pixel converted
-    once: a full-resolution photo's output, laid out as PIL wants it. The table is read by numpy with 16-bit
-    indices: 4x faster than torch's 64-bit gather, the slowest step of a scan's conversion."""
-    lin = _gamut_fit(lab, 12, 1e-5)[1].cpu()
-    index = lin.clamp(0, 1).mul_(65535).add_(0.5).permute(0, 2, 3, 1).numpy().astype(np.uint16)
-    return _SRGB8[index]
+    once: a full-resolution photo's output, laid out as PIL wants it."""
+    lin = _gamut_fit(lab, 12, 1e-5)[1]
+    return _SRGB8[(np.clip(lin, 0, 1) * 65535 + 0.5).astype(np.uint16).transpose(0, 2, 3, 1)]
 
 
-def pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL image (any mode PIL converts to RGB) -> (1, 3, H, W) float in [0, 1]."""
-    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
+def pil_to_array(img: Image.Image) -> np.ndarray:
+    """PIL image (any mode PIL converts to RGB) -> (1, 3, H, W) float32 in [0, 1]."""
+    return (np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0).transpose(2, 0, 1)[None]
 
 
-def tensor_to_pil(rgb: torch.Tensor) -> Image.Image:
+def array_to_pil(rgb: np.ndarray) -> Image.Image:
     """(3, H, W) or (1, 3, H, W) float in [0, 1] -> PIL RGB image."""
-    rgb = rgb.reshape(-1, *rgb.shape[-3:])[0]
-    arr = (rgb.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(arr)
+    rgb = np.asarray(rgb).reshape(-1, *rgb.shape[-3:])[0]
+    return Image.fromarray((np.clip(rgb, 0, 1) * 255).round().astype(np.uint8).transpose(1, 2, 0))
 
 
 def load_image(path) -> Image.Image:
@@ -204,7 +230,9 @@ def save_image(img: Image.Image, path, **params) -> None:
         raise ImageError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
-def pick_device(name: str = "auto") -> torch.device:
+def pick_device(name: str = "auto"):
+    """The torch.device to run on: "auto" is CUDA where there is a GPU."""
+    import torch  # here, not at the top: the default command colorizes without PyTorch (inference.py)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -212,16 +240,25 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def use_bf16(device: torch.device, amp="auto") -> bool:
+def may_have_gpu() -> bool:
+    """False where no GPU driver is loaded (NVIDIA's or AMD's): there torch.cuda cannot find a GPU, and the
+    command need not import PyTorch to ask."""
+    return os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/kfd")
+
+
+def use_bf16(device, amp="auto") -> bool:
     """Whether to compute in bf16 autocast: "on"/"off" (or True/False) as asked; "auto" (or None) where fast."""
     return bf16_is_fast(device) if amp in ("auto", None) else amp in ("on", True)
 
 
-def bf16_is_fast(device: torch.device) -> bool:
-    """bf16 autocast pays on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX): about 2x for training
-    here. Elsewhere the CPU emulates bf16 and it is slower than float32."""
-    if device.type == "cuda":
-        return True
+def bf16_is_fast(device) -> bool:
+    """bf16 autocast pays on CUDA and on CPUs with native bf16: about 2x for training here. Elsewhere the CPU
+    emulates bf16 and it is slower than float32."""
+    return device.type == "cuda" or cpu_has_bf16()
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 / AMX)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()

@@ -183,10 +183,10 @@ def lightness(img) -> np.ndarray:
     """CIE L (0-100) of a PIL image, or of an (H, W) array of grey levels in [0, 1]."""
     from utils import rgb_to_lab
     if isinstance(img, np.ndarray):
-        rgb = torch.from_numpy(img.astype(np.float32))[None, None].expand(1, 3, *img.shape)
+        rgb = np.broadcast_to(img.astype(np.float32), (1, 3, *img.shape))
     else:
-        rgb = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
-    return ((rgb_to_lab(rgb)[0, 0] + 1) * 50).numpy()
+        rgb = np.asarray(img.convert("RGB"), dtype=np.float32).transpose(2, 0, 1)[None] / 255
+    return (rgb_to_lab(rgb)[0, 0] + 1) * 50
 
 
 def assert_same_lightness(out_path, expected_L):

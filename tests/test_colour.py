@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import utils
@@ -13,8 +12,7 @@ from conftest import synthetic_photo
 # LAB conversion
 
 def random_rgb(seed=0, n=4, size=32):
-    g = torch.Generator().manual_seed(seed)
-    rgb = torch.rand(n, 3, size, size, generator=g)
+    rgb = np.random.default_rng(seed).random((n, 3, size, size), dtype=np.float32)
     rgb[0, :, 0, 0], rgb[0, :, 0, 1] = 0.0, 1.0  # black and white, the ends of the L range
     return rgb
 
@@ -22,42 +20,44 @@ def random_rgb(seed=0, n=4, size=32):
 def test_lab_round_trip_is_exact_to_float_error():
     rgb = random_rgb()
     back = utils.lab_to_rgb(utils.rgb_to_lab(rgb))
-    assert back.shape == rgb.shape
-    assert (back - rgb).abs().max().item() < 1e-4  # measured about 5e-6 in float32
+    assert back.shape == rgb.shape and back.dtype == np.float32
+    assert np.abs(back - rgb).max() < 1e-4  # measured about 5e-6 in float32
 
 
 def test_rgb_to_lab_agrees_with_scikit_image():
     from skimage.color import rgb2lab
     rgb = random_rgb(1)
-    ours = utils.rgb_to_lab(rgb).double()
-    ref = torch.from_numpy(rgb2lab(rgb.permute(0, 2, 3, 1).double().numpy())).permute(0, 3, 1, 2)
-    ref = torch.cat([ref[:, :1] / 50 - 1, ref[:, 1:] / utils.AB_NORM], dim=1)
+    ours = utils.rgb_to_lab(rgb).astype(np.float64)
+    ref = rgb2lab(rgb.transpose(0, 2, 3, 1).astype(np.float64)).transpose(0, 3, 1, 2)
+    ref = np.concatenate([ref[:, :1] / 50 - 1, ref[:, 1:] / utils.AB_NORM], axis=1)
     # normalized units: 1e-4 is 0.005 L levels / 0.011 ab units, far below a visible difference
-    assert (ours - ref).abs().max().item() < 1e-4
+    assert np.abs(ours - ref).max() < 1e-4
     # and the normalization really maps the L range onto [-1, 1]
-    assert ours[0, 0, 0, 0].item() == pytest.approx(-1, abs=1e-5)
-    assert ours[0, 0, 0, 1].item() == pytest.approx(1, abs=1e-5)
+    assert ours[0, 0, 0, 0] == pytest.approx(-1, abs=1e-5)
+    assert ours[0, 0, 0, 1] == pytest.approx(1, abs=1e-5)
+    assert np.abs(utils.lightness(rgb) - ours[:, :1]).max() < 1e-5  # lightness: the same L, alone
 
 
 def test_fit_to_gamut_keeps_lightness_and_hue_and_only_shrinks_chroma():
-    g = torch.Generator().manual_seed(2)
-    lab = torch.cat([torch.rand(1, 1, 16, 16, generator=g) * 1.8 - 0.9,
-                     torch.rand(1, 2, 16, 16, generator=g) * 2 - 1], dim=1)  # ab up to +-110: mostly outside sRGB
+    rng = np.random.default_rng(2)
+    lab = np.concatenate([rng.random((1, 1, 16, 16), dtype=np.float32) * 1.8 - 0.9,  # ab up to +-110: mostly
+                          rng.random((1, 2, 16, 16), dtype=np.float32) * 2 - 1], axis=1)  # outside sRGB
     fitted = utils.fit_to_gamut(lab)
-    assert torch.equal(fitted[:, 0], lab[:, 0])  # L untouched
-    scale = fitted[:, 1:].norm(dim=1) / lab[:, 1:].norm(dim=1)
+    assert np.array_equal(fitted[:, 0], lab[:, 0])  # L untouched
+    scale = np.linalg.norm(fitted[:, 1:], axis=1) / np.linalg.norm(lab[:, 1:], axis=1)
     assert scale.max() <= 1 + 1e-6 and scale.min() < 0.5  # chroma only shrinks, and really had to here
     cross = fitted[:, 1] * lab[:, 2] - fitted[:, 2] * lab[:, 1]  # same direction in the ab plane: the hue
-    assert cross.abs().max() < 1e-5 and (fitted[:, 1:] * lab[:, 1:]).sum(dim=1).min() >= 0
+    assert np.abs(cross).max() < 1e-5 and (fitted[:, 1:] * lab[:, 1:]).sum(axis=1).min() >= 0
     rgb = utils.lab_to_rgb(fitted)  # in gamut now: lab_to_rgb's clipping no longer changes anything
-    assert (utils.rgb_to_lab(rgb) - fitted).abs().max() < 2e-3
+    assert np.abs(utils.rgb_to_lab(rgb) - fitted).max() < 2e-3
     # and no more than it had to: 1% more chroma takes each fitted pixel out of gamut again
     moved = scale < 1 - 1e-6
-    wider = torch.cat([fitted[:, :1], fitted[:, 1:] * 1.01], dim=1)
-    shrunk = utils.fit_to_gamut(wider)[:, 1:].norm(dim=1) < wider[:, 1:].norm(dim=1) * (1 - 1e-6)
+    wider = np.concatenate([fitted[:, :1], fitted[:, 1:] * 1.01], axis=1)
+    chroma = lambda lab: np.linalg.norm(lab[:, 1:], axis=1)  # noqa: E731
+    shrunk = chroma(utils.fit_to_gamut(wider)) < chroma(wider) * (1 - 1e-6)
     assert moved.sum() > 50 and shrunk[moved].all()
-    inside = torch.tensor([0.2, 0.1, 0.05]).view(1, 3, 1, 1)
-    assert torch.equal(utils.fit_to_gamut(inside), inside)
+    inside = np.array([0.2, 0.1, 0.05], np.float32).reshape(1, 3, 1, 1)
+    assert np.array_equal(utils.fit_to_gamut(inside), inside)
 
 
 def test_is_greyscale():

@@ -11,7 +11,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageOps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,9 +31,8 @@ def colour_photo(w, h, seed=0):
 
 
 def chroma(path):
-    lab = rgb_to_lab(torch.from_numpy(np.asarray(open_image(path).convert("RGB"), dtype=np.float32) / 255)
-                     .permute(2, 0, 1)[None])
-    return float(lab[0, 1:].abs().mean() * 110)
+    lab = rgb_to_lab(np.asarray(open_image(path).convert("RGB"), dtype=np.float32).transpose(2, 0, 1)[None] / 255)
+    return float(np.abs(lab[0, 1:]).mean() * 110)
 
 
 # ---------------------------------------------------------------------------------------------------------

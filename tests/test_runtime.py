@@ -1,5 +1,7 @@
-"""The OpenVINO runtime against PyTorch, its fallback, and the command line's start-up imports."""
+"""The OpenVINO runtime and the converted sampler against PyTorch, the fallback, and the command line's start-up:
+what it imports, and a default run without PyTorch."""
 import builtins
+import os
 import subprocess
 import sys
 
@@ -104,8 +106,58 @@ def test_without_openvino_torch_runs_and_says_so(tiny, monkeypatch, capsys):
     assert runtime.fast_runtime(model, "torch") is model
 
 
+def test_the_converted_sampler_samples_as_the_checkpoint_does(tiny_checkpoint, monkeypatch, tmp_path):
+    """The checkpoint's own sampling, converted whole, against model.sample in PyTorch from the same noise: a
+    guided teacher (unconditional pairs, antithetic start, eta > 0: a draw at each step) and a student; other
+    batch sizes and shapes than the traced one; and a second load reads the cache, without converting."""
+    monkeypatch.setattr(runtime, "CACHE", str(tmp_path))
+    for fields in (dict(cond_drop=0.1, guidance=2.0, sample_antithetic=True),
+                   dict(cond_drop=0.1, guidance=1.5, guidance_input=True)):
+        path = tiny_checkpoint(sample_steps=3, sample_eta=1.0, **fields)
+        model, converted = load_model(path), runtime.converted_sampler(path)
+        assert converted.draws == 3 and converted.config.guidance == fields["guidance"]  # x_T, then 2 steps
+        for shape in [(1, 16, 16), (3, 24, 16)]:
+            L = np.random.default_rng(shape[0]).uniform(-1, 1, (shape[0], 1, *shape[1:])).astype(np.float32)
+            seeds = range(shape[0])
+            noise = np.stack([np.random.default_rng(s).standard_normal((3, 2, *shape[1:]), dtype=np.float32)
+                              for s in seeds])
+            ours = converted(L, noise)
+            ref = model.sample(torch.from_numpy(L), generator=[np.random.default_rng(s) for s in seeds]).numpy()
+            # bf16 inference where the CPU has it: a random model's colours, saturated, agree to about 1%
+            assert ours.shape == ref.shape and np.abs(ours - ref).mean() < 0.01 * np.abs(ref).max(), fields
+            other = converted(L, -noise)  # the noise is really an input
+            assert np.abs(other - ours).mean() > 0.1 * np.abs(ref).mean()
+    import openvino
+    monkeypatch.setattr(openvino, "convert_model", None)
+    assert runtime.converted_sampler(path).draws == 3
+
+
+def test_the_default_command_runs_without_pytorch(tiny_checkpoint, tmp_path):
+    """The command's default (the checkpoint's own sampling, on a CPU) converts the sampler once; from then on it
+    never imports PyTorch, and gives the same photo, bit for bit, as the run that converted it. A sampling flag
+    takes the networks' path, PyTorch's, with the same colours at the same seed."""
+    ckpt = tiny_checkpoint(sample_steps=2, sample_eta=1.0)
+    Image.fromarray(np.tile(np.linspace(0, 255, 24, dtype=np.uint8), (20, 1))).save(tmp_path / "g.png")
+    code = ("import sys, inference; code = inference.main(sys.argv[1:]); "
+            "print('torch' in sys.modules, 'model' in sys.modules); sys.exit(code)")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "CUDA_VISIBLE_DEVICES": ""}
+
+    def run(out, *flags):
+        cmd = [sys.executable, "-c", code, "--image-path", str(tmp_path / "g.png"), "--checkpoint", ckpt,
+               "--seed", "3", "--output", str(tmp_path / out), "--device", "cpu", *flags]
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.split()[-2:], np.asarray(Image.open(tmp_path / out), dtype=float)
+    imported, first = run("a.png")
+    assert imported == ["True", "True"]  # the first run converts, in PyTorch
+    imported, second = run("b.png")
+    assert imported == ["False", "False"] and np.array_equal(first, second)
+    imported, networks = run("c.png", "--eta", "1.0")  # the same settings, but asked for: the networks' path
+    assert imported == ["True", "True"] and np.abs(networks - first).mean() < 3  # levels of 255
+
+
 def test_the_command_line_imports_only_what_it_uses():
-    code = ("import sys, inference; heavy = {'skimage', 'gradio', 'torchvision', 'dataset', 'openvino', 'scipy'}; "
-            "print(sorted(m for m in heavy if m in sys.modules))")
+    code = ("import sys, inference; heavy = {'skimage', 'gradio', 'torchvision', 'dataset', 'openvino', 'scipy',"
+            "'torch', 'model'}; print(sorted(m for m in heavy if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr

@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,12 +44,13 @@ def main():
     faces = [load_image(os.path.join(args.data, n)).convert("RGB") for n in list_images(args.data)[:args.faces]]
 
     # forward: the closed form q(x_t | x_0) at evenly spaced t, on the first photo at the model's resolution
-    rgb, _ = greyscale_rgb(faces[0])
-    lab = rgb_to_lab(F.interpolate(rgb, model_size(model, *rgb.shape[-2:]), mode="bicubic", antialias=True))
+    rgb = torch.from_numpy(greyscale_rgb(faces[0])[0].copy())
+    small = F.interpolate(rgb, model_size(model, *rgb.shape[-2:]), mode="bicubic", antialias=True)
+    lab = torch.from_numpy(rgb_to_lab(small.numpy()))
     L, ab = lab[:, :1], lab[:, 1:] * c.ab_scale
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(ab.shape, generator=g)
-    forward = GifRecorder(model, L, max_frames=c.timesteps, min_side=128)
+    forward = GifRecorder(model, L.numpy(), max_frames=c.timesteps, min_side=128)
     ts = torch.linspace(0, c.timesteps - 1, 40).long()
     for i, t in enumerate(ts):
         forward(i, len(ts), q_sample(ab, t[None], noise, model.alphas_cumprod), None)
@@ -58,7 +60,7 @@ def main():
 
     # reverse: greyscale faces -> colour, the full DDPM loop, unguided, all faces in one batch
     greys = [f.convert("L") for f in faces]
-    reverse = GifRecorder(model, torch.cat([model_input(model, f) for f in greys]), max_frames=40, min_side=128)
+    reverse = GifRecorder(model, np.concatenate([model_input(model, f) for f in greys]), max_frames=40, min_side=128)
     outputs = colorize_batch(model, greys, sampler="ddpm", guidance=1.0, guidance_first=0.0, seed=args.seed,
                              callback=reverse, batch_size=len(greys))
     reverse.save(os.path.join(HERE, "denoising.gif"), [o[0] for o in outputs])
