@@ -302,9 +302,9 @@ def main(argv=None):
     results, rows = [], []
     for path in args.checkpoint or [DEFAULT_CHECKPOINT]:
         model = load_model(path, device)
-        runtime = fast_runtime(model, args.runtime)
         # the command's own path: the checkpoint's sampling converted whole, where the command would run it
         colorizer = (converted_sampler(path) if samples_as_checkpoint(args) else None) or model
+        runtime = fast_runtime(model, args.runtime) if colorizer is model else None
         c = model.config
         sampling = sampling_kwargs(args)
         shown = {k: (v if v is not None else getattr(c, f)) for k, v, f in

@@ -126,11 +126,11 @@ def load_hints(path_or_image, size) -> np.ndarray:
 
 def model_hints(hints: np.ndarray, h, w) -> np.ndarray:
     """Full-size hints (1, 3, H, W) -> the model's resolution: each hinted model pixel takes the mean colour of
-    the hinted photo pixels it covers (PIL's box filter: each channel's mean over the area)."""
-    pooled = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(c), "F").resize((w, h), Image.BOX))
-                       for c in hints[0]])[None]
-    mask = pooled[:, 2:] > 1e-6
-    return np.concatenate([pooled[:, :2] / np.maximum(pooled[:, 2:], 1e-8) * mask, mask], axis=1, dtype=np.float32)
+    the hinted photo pixels it covers."""
+    import torch  # hinted sampling runs in PyTorch's path (model.sample spreads the hints) anyway
+    pooled = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(hints), (h, w))
+    mask = pooled[:, 2:] > 0
+    return torch.cat([pooled[:, :2] / pooled[:, 2:].clamp(min=1e-8) * mask, mask.float()], dim=1).numpy()
 
 
 def full_lightness(img: Image.Image) -> tuple[np.ndarray, Image.Image | None]:
@@ -178,7 +178,7 @@ def _sample(model, L, generators, hints, callback, amp, runtime, sampling):
     """ab_n (N, 2, h, w) of model-input L (N, 1, h, w), each row's noise drawn from its numpy generator: by a
     ConvertedSampler (the checkpoint's own settings, nothing else), or by a model on the runtime given."""
     if isinstance(model, ConvertedSampler):
-        asked = [k for k, v in sampling.items() if v not in (None, False)]
+        asked = [k for k, v in sampling.items() if v is not None]
         if asked or hints is not None or callback is not None:
             raise ValueError(f"a converted sampler samples as its checkpoint does: not with "
                              f"{', '.join(asked) or ('hints' if hints is not None else 'a callback')}")
@@ -283,7 +283,7 @@ def add_sampling_args(p):
     p.add_argument("--antithetic", action=argparse.BooleanOptionalAction,
                    help="average the first step's guess over the start noise and its negation: steadier colours "
                    "(default: the checkpoint's)")
-    p.add_argument("--dynamic-threshold", action="store_true", help="Imagen's dynamic thresholding of x0")
+    p.add_argument("--dynamic-threshold", action="store_const", const=True, help="Imagen's dynamic thresholding of x0")
     p.add_argument("--size", type=int, help="the short side in pixels the model colours a photo at (its colours "
                    "are then upsampled onto the photo's own L): smaller is faster and coarser (default: the "
                    "checkpoint's)")
@@ -328,11 +328,12 @@ def parse_args(argv=None):
     p.add_argument("--hints", metavar="PNG", help="colour hints: an RGBA image (any size, scaled to the photo's) "
                    "whose opaque pixels give their colour; the regions around them follow")
     p.add_argument("--runtime", choices=("auto", "openvino", "torch"), default="auto",
-                   help="auto: OpenVINO on a CPU (the encoder and the UNet, converted once per set of weights into "
-                   "~/.cache/color-diffusion), PyTorch on a GPU")
+                   help="auto: OpenVINO on a CPU (the checkpoint's own sampling converted whole, or with sampling "
+                   "flags the encoder and the UNet; converted once into ~/.cache/color-diffusion), PyTorch on a GPU")
     p.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
                    help="bf16 autocast; auto: on where bf16 is fast (CUDA, CPUs with AVX512-BF16/AMX)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, one per core)")
+    p.add_argument("--threads", type=int, help="PyTorch's CPU threads (default: one per core; OpenVINO uses "
+                   "every core)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="images sampled together (folders)")
     p.add_argument("--save-gif", metavar="PATH", help="also save the denoising process as an animated GIF")
     p.add_argument("--gif-show", choices=("xt", "x0"), default="xt",
@@ -420,7 +421,7 @@ def samples_as_checkpoint(args):
     """Whether a command line (this one's, evaluate.py's) samples as its checkpoint does, on a CPU with OpenVINO:
     no sampling flag but --size, no hints, no GIF (its frames are each step's), no GPU --device auto would take.
     Then runtime.converted_sampler runs it."""
-    flags = [k for k, v in sampling_kwargs(args).items() if k != "size" and v not in (None, False)]
+    flags = [k for k, v in sampling_kwargs(args).items() if k != "size" and v is not None]
     cpu = args.device == "cpu" or (args.device == "auto" and not may_have_gpu())
     return cpu and args.runtime != "torch" and not (flags or args.hints or getattr(args, "save_gif", None))
 
@@ -433,6 +434,8 @@ def _load(args):
             raise CheckpointError(f"no model at {_shown(args.checkpoint)}: train one with train.py, or pass "
                                   "--checkpoint PATH (e.g. runs/celeba64/ckpt.pt)")
         raise CheckpointError(f"{args.checkpoint}: no such checkpoint")
+    if not os.path.isfile(args.checkpoint):
+        raise CheckpointError(f"{args.checkpoint}: not a checkpoint file")
     if samples_as_checkpoint(args):
         model = converted_sampler(args.checkpoint)
         if model is not None:  # None: no OpenVINO, or a sampling too long to convert whole

@@ -350,7 +350,8 @@ def dpmpp_2m_sample(denoise, x, alphas_cumprod, steps, eta=0.0, generator=None, 
     return x
 
 
-SAMPLERS = dict(zip(SAMPLER_NAMES, (ddim_sample, dpmpp_2m_sample, ddpm_sample)))
+SAMPLERS = {"ddim": ddim_sample, "dpm++2m": dpmpp_2m_sample, "ddpm": ddpm_sample}
+assert tuple(SAMPLERS) == SAMPLER_NAMES  # utils.py's names, for the command lines that run without this file
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -22,10 +22,10 @@ import types
 import warnings
 import weakref
 
-from utils import cpu_has_bf16
+from utils import CheckpointError, cpu_has_bf16
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MAX_CONVERTED_STEPS = 16  # a converted sampler holds every UNet pass: the teacher's default takes 8-16
+MAX_CONVERTED_STEPS = 16  # a converted sampler unrolls every UNet pass: the shipped teacher's 3 steps are 8 passes
 CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "color-diffusion")
 
 
@@ -37,17 +37,22 @@ def _save_whole(folder, networks, extra=None):
     """Save converted networks {name: network} (and a JSON `extra`) into `folder`, written whole into a temporary
     folder then moved: a crash leaves no half model, and another process converting the same leaves one."""
     import openvino as ov
-    os.makedirs(CACHE, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=CACHE)
-    for name, network in networks.items():
-        ov.save_model(network, os.path.join(tmp, f"{name}.xml"))
-    if extra is not None:
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(extra, f)
     try:
-        os.replace(tmp, folder)
-    except OSError:  # another process got there first
-        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(CACHE, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=CACHE)
+        try:
+            for name, network in networks.items():
+                ov.save_model(network, os.path.join(tmp, f"{name}.xml"))
+            if extra is not None:
+                with open(os.path.join(tmp, "meta.json"), "w") as f:
+                    json.dump(extra, f)
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        if not os.path.isdir(folder):  # not another process getting there first: a disk full, say
+            raise ValueError(f"cannot write OpenVINO's cache {CACHE} ({e.strerror or e}): set XDG_CACHE_HOME to a "
+                             "writable folder, or pass --runtime torch") from None
 
 
 def fingerprint(model) -> str:
@@ -152,8 +157,8 @@ class ConvertedSampler:
             meta = json.load(f)
         self.config = types.SimpleNamespace(**{k: tuple(v) if isinstance(v, list) else v
                                                for k, v in meta["config"].items()})
-        self.draws = meta["draws"]
-        self._network = _Network(_core(folder), os.path.join(folder, "sampler.xml"))
+        self.draws = meta["draws"]  # None: not converted (converted_sampler)
+        self._network = _Network(_core(folder), os.path.join(folder, "sampler.xml")) if self.draws else None
 
     def __call__(self, L, noise):
         return self._network(L, noise)[0]
@@ -184,19 +189,23 @@ def convert_sampler(model, folder):
 
 
 def _sampler_key(checkpoint, version) -> str:
-    """A hash of the checkpoint file, of the code its sampling was traced from (so a changed sampler is converted
-    again) and of OpenVINO's version: a 20 MB checkpoint takes 30 ms."""
+    """A hash of the checkpoint file, of the code its sampling is traced from and saved by (a changed sampler is
+    converted again) and of OpenVINO's version: 30 ms for a 20 MB checkpoint."""
     h = hashlib.sha1(version.encode())
-    for path in (checkpoint, *(os.path.join(HERE, f) for f in ("model.py", "unet.py"))):
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+    for path in (checkpoint, *(os.path.join(HERE, f) for f in ("model.py", "unet.py", "runtime.py"))):
+        try:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
     return h.hexdigest()[:16]
 
 
 def converted_sampler(checkpoint):
     """The ConvertedSampler of a checkpoint file: from CACHE, or converted into it first (PyTorch is imported
-    then). None without OpenVINO, or where the checkpoint's sampling is too long to unroll (ddpm, many steps)."""
+    then). None without OpenVINO, or where the checkpoint's sampling is too long to unroll (ddpm, many steps;
+    said in the cache, so that later runs need not load it to know)."""
     try:
         import openvino as ov
     except ImportError:
@@ -205,10 +214,13 @@ def converted_sampler(checkpoint):
     if not os.path.exists(os.path.join(folder, "meta.json")):
         from model import load_model
         model = load_model(checkpoint)
+        shutil.rmtree(folder, ignore_errors=True)  # a folder without its meta.json: someone's partial copy
         if model.config.sampler == "ddpm" or model.config.sample_steps > MAX_CONVERTED_STEPS:
-            return None
-        convert_sampler(model, folder)
-    return ConvertedSampler(folder)
+            _save_whole(folder, {}, {"config": model.config.to_dict(), "draws": None})
+        else:
+            convert_sampler(model, folder)
+    sampler = ConvertedSampler(folder)
+    return sampler if sampler.draws is not None else None
 
 
 _RUNTIMES = weakref.WeakKeyDictionary()  # model -> its runtime: converted and compiled once per process

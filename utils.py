@@ -241,9 +241,11 @@ def pick_device(name: str = "auto"):
 
 
 def may_have_gpu() -> bool:
-    """False where no GPU driver is loaded (NVIDIA's or AMD's): there torch.cuda cannot find a GPU, and the
-    command need not import PyTorch to ask."""
-    return os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/kfd")
+    """False where CUDA_VISIBLE_DEVICES hides every GPU or no GPU driver is loaded (NVIDIA's, AMD's, WSL's): there
+    torch.cuda finds no GPU, and the command need not import PyTorch to ask."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return False
+    return any(os.path.exists(p) for p in ("/proc/driver/nvidia", "/dev/kfd", "/dev/dxg"))
 
 
 def use_bf16(device, amp="auto") -> bool:

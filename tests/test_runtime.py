@@ -108,10 +108,12 @@ def test_without_openvino_torch_runs_and_says_so(tiny, monkeypatch, capsys):
 
 def test_the_converted_sampler_samples_as_the_checkpoint_does(tiny_checkpoint, monkeypatch, tmp_path):
     """The checkpoint's own sampling, converted whole, against model.sample in PyTorch from the same noise: a
-    guided teacher (unconditional pairs, antithetic start, eta > 0: a draw at each step) and a student; other
-    batch sizes and shapes than the traced one; and a second load reads the cache, without converting."""
+    guided teacher (unconditional pairs, antithetic start, eta > 0: a draw at each step), one with hint inputs
+    (zeros, one row per photo) on DPM-Solver++, and a student; other batch sizes and shapes than the traced
+    one; and a second load reads the cache, without converting."""
     monkeypatch.setattr(runtime, "CACHE", str(tmp_path))
     for fields in (dict(cond_drop=0.1, guidance=2.0, sample_antithetic=True),
+                   dict(cond_drop=0.1, guidance=2.0, hints=True, sampler="dpm++2m"),
                    dict(cond_drop=0.1, guidance=1.5, guidance_input=True)):
         path = tiny_checkpoint(sample_steps=3, sample_eta=1.0, **fields)
         model, converted = load_model(path), runtime.converted_sampler(path)
@@ -135,7 +137,8 @@ def test_the_converted_sampler_samples_as_the_checkpoint_does(tiny_checkpoint, m
 def test_the_default_command_runs_without_pytorch(tiny_checkpoint, tmp_path):
     """The command's default (the checkpoint's own sampling, on a CPU) converts the sampler once; from then on it
     never imports PyTorch, and gives the same photo, bit for bit, as the run that converted it. A sampling flag
-    takes the networks' path, PyTorch's, with the same colours at the same seed."""
+    takes the networks' path, PyTorch's, even at 0; at the checkpoint's own value, with the same colours at the
+    same seed."""
     ckpt = tiny_checkpoint(sample_steps=2, sample_eta=1.0)
     Image.fromarray(np.tile(np.linspace(0, 255, 24, dtype=np.uint8), (20, 1))).save(tmp_path / "g.png")
     code = ("import sys, inference; code = inference.main(sys.argv[1:]); "
@@ -154,6 +157,26 @@ def test_the_default_command_runs_without_pytorch(tiny_checkpoint, tmp_path):
     assert imported == ["False", "False"] and np.array_equal(first, second)
     imported, networks = run("c.png", "--eta", "1.0")  # the same settings, but asked for: the networks' path
     assert imported == ["True", "True"] and np.abs(networks - first).mean() < 3  # levels of 255
+    imported, _ = run("d.png", "--eta", "0")  # 0 is asked for too: not the checkpoint's sampling
+    assert imported == ["True", "True"]
+
+
+def test_converting_says_what_is_wrong_in_one_line(tiny_checkpoint, cli, tmp_path, monkeypatch):
+    """A folder given as the checkpoint, and a cache that cannot be written, are one line each; the latter says
+    what to do, and --runtime torch, which needs no cache, works."""
+    Image.new("L", (16, 12), 100).save(tmp_path / "g.png")
+    code, out, err = cli("--image-path", tmp_path / "g.png", "--output", tmp_path / "a.png",
+                         checkpoint=str(tmp_path))
+    assert code == 1 and err.strip() == f"error: {tmp_path}: not a checkpoint file"
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setattr(runtime, "CACHE", str(tmp_path / "file" / "cache"))
+    small = tiny_checkpoint(sample_steps=2)
+    code, out, err = cli("--image-path", tmp_path / "g.png", "--output", tmp_path / "b.png", checkpoint=small)
+    assert code == 1 and len(err.splitlines()) == 2 and "note: converting" in err  # the note, then the error
+    assert err.splitlines()[1].startswith("error: cannot write OpenVINO's cache") and "--runtime torch" in err
+    code, out, err = cli("--image-path", tmp_path / "g.png", "--output", tmp_path / "b.png", "--runtime", "torch",
+                         checkpoint=small)
+    assert code == 0 and (tmp_path / "b.png").exists()
 
 
 def test_the_command_line_imports_only_what_it_uses():
