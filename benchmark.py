@@ -237,14 +237,14 @@ def main(argv=None):
         cmd = [sys.executable, os.path.join(HERE, "inference.py"), "--checkpoint", args.checkpoint,
                "--device", args.device, "--overwrite"]
         one = [*cmd, "--image-path", os.path.join(folder, "000.jpg"), "--output", os.path.join(tmp, "one.png")]
-        many = [*cmd, "--image-path", folder, "--output", os.path.join(tmp, "out")]
-        for run in (one, many):  # the first runs convert for OpenVINO and compile each batch shape, once
+        whole = [*cmd, "--image-path", folder, "--output", os.path.join(tmp, "out")]
+        for run in (one, whole):  # the first runs convert for OpenVINO and compile each batch shape, once
             subprocess.run(run, check=True, capture_output=True)
         t = time.perf_counter()
         subprocess.run(one, check=True, capture_output=True)
         single = time.perf_counter() - t
         t = time.perf_counter()
-        subprocess.run(many, check=True, capture_output=True)
+        subprocess.run(whole, check=True, capture_output=True)
         many = time.perf_counter() - t
         print(f"| command | seconds | photos/s |\n|---|---|---|\n| one photo | {single:.2f} | {1 / single:.1f} |\n"
               f"| a folder of {args.folder} | {many:.2f} | {args.folder / many:.1f} |")

@@ -58,6 +58,14 @@ def _wide_grey(img: Image.Image) -> np.ndarray:
     return np.clip(arr / top, 0, 1)
 
 
+def _rgb(img: Image.Image) -> Image.Image:
+    """img.convert("RGB"), or ImageError for a mode PIL cannot convert (e.g. a LAB-mode TIFF)."""
+    try:
+        return img.convert("RGB")
+    except ValueError as e:
+        raise ImageError(f"unsupported colour mode {img.mode} ({e})") from None
+
+
 def greyscale_rgb(img: Image.Image) -> tuple[np.ndarray, Image.Image | None]:
     """Any PIL image -> ((1, 3, H, W) float32 RGB in [0, 1], alpha channel or None).
     Colour photos keep their RGB here: only their L is used. 16-bit greyscale keeps its precision."""
@@ -68,10 +76,7 @@ def greyscale_rgb(img: Image.Image) -> tuple[np.ndarray, Image.Image | None]:
         alpha = img.getchannel("A")
     if img.mode in WIDE_MODES:
         return np.broadcast_to(_wide_grey(img), (1, 3, img.height, img.width)), alpha
-    try:
-        return pil_to_array(img), alpha
-    except ValueError as e:  # e.g. a LAB-mode TIFF: PIL cannot convert it
-        raise ImageError(f"unsupported colour mode {img.mode} ({e})") from None
+    return pil_to_array(_rgb(img)), alpha
 
 
 def model_resolution(h, w, short, multiple=8, max_aspect=4):
@@ -103,11 +108,8 @@ def model_input(model, img: Image.Image, size=None) -> np.ndarray:
     if img.mode in WIDE_MODES:
         grey = np.asarray(Image.fromarray(_wide_grey(img), "F").resize((w, h), Image.BICUBIC))
         return lightness(np.broadcast_to(grey, (1, 3, h, w)))
-    try:
-        return lightness(pil_to_array(img.resize((w, h), Image.BICUBIC) if img.mode in ("L", "RGB")
-                                      else img.convert("RGB").resize((w, h), Image.BICUBIC)))
-    except ValueError as e:  # e.g. a LAB-mode TIFF: PIL cannot convert it
-        raise ImageError(f"unsupported colour mode {img.mode} ({e})") from None
+    # L and RGB are resized as they are: a greyscale scan is not made RGB at full size
+    return lightness(pil_to_array((img if img.mode in ("L", "RGB") else _rgb(img)).resize((w, h), Image.BICUBIC)))
 
 
 def load_hints(path_or_image, size) -> np.ndarray:

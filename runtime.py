@@ -150,15 +150,13 @@ class OpenVINORuntime:
 class ConvertedSampler:
     """A checkpoint's own sampling, converted whole (see convert_sampler): called with L (N, 1, h, w) and noise
     (N, draws, 2, h, w), float32 arrays, returns ab_n (N, 2, h, w). Its `config` holds the checkpoint's settings,
-    as a model's does. Made from its folder alone: no PyTorch, no checkpoint."""
+    as a model's does. Made from its folder and meta.json alone: no PyTorch, no checkpoint."""
 
-    def __init__(self, folder):
-        with open(os.path.join(folder, "meta.json")) as f:
-            meta = json.load(f)
+    def __init__(self, folder, meta):
         self.config = types.SimpleNamespace(**{k: tuple(v) if isinstance(v, list) else v
                                                for k, v in meta["config"].items()})
-        self.draws = meta["draws"]  # None: not converted (converted_sampler)
-        self._network = _Network(_core(folder), os.path.join(folder, "sampler.xml")) if self.draws else None
+        self.draws = meta["draws"]
+        self._network = _Network(_core(folder), os.path.join(folder, "sampler.xml"))
 
     def __call__(self, L, noise):
         return self._network(L, noise)[0]
@@ -216,11 +214,12 @@ def converted_sampler(checkpoint):
         model = load_model(checkpoint)
         shutil.rmtree(folder, ignore_errors=True)  # a folder without its meta.json: someone's partial copy
         if model.config.sampler == "ddpm" or model.config.sample_steps > MAX_CONVERTED_STEPS:
-            _save_whole(folder, {}, {"config": model.config.to_dict(), "draws": None})
+            _save_whole(folder, {}, {"config": model.config.to_dict(), "draws": None})  # draws None: not converted
         else:
             convert_sampler(model, folder)
-    sampler = ConvertedSampler(folder)
-    return sampler if sampler.draws is not None else None
+    with open(os.path.join(folder, "meta.json")) as f:
+        meta = json.load(f)
+    return None if meta["draws"] is None else ConvertedSampler(folder, meta)
 
 
 _RUNTIMES = weakref.WeakKeyDictionary()  # model -> its runtime: converted and compiled once per process
