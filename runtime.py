@@ -12,6 +12,7 @@ here only where a network is converted.
 Each network is converted once (a few seconds, the first time only) into CACHE and compiled once per input shape;
 OpenVINO keeps the compiled blobs there too, so a later process compiles nothing.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -27,6 +28,11 @@ from utils import CheckpointError, cpu_has_bf16
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAX_CONVERTED_STEPS = 16  # a converted sampler unrolls every UNet pass: the shipped teacher's 3 steps are 8 passes
 CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "color-diffusion")
+# what CACHE may hold after a conversion: each checkpoint, and each version of this code, converts into a folder
+# of its own (20-50 MB, and about 25 MB more per input shape compiled), so the least recently used go
+CACHE_LIMIT = 2 << 30
+# what a conversion is traced from and saved by: a change to any of them converts again (see _key)
+CODE = tuple(os.path.join(HERE, f) for f in ("model.py", "unet.py", "runtime.py"))
 
 
 def _precision():
@@ -49,10 +55,27 @@ def _save_whole(folder, networks, extra=None):
             os.replace(tmp, folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        _prune(keep=folder)
     except OSError as e:
         if not os.path.isdir(folder):  # not another process getting there first: a disk full, say
             raise ValueError(f"cannot write OpenVINO's cache {CACHE} ({e.strerror or e}): set XDG_CACHE_HOME to a "
                              "writable folder, or pass --runtime torch") from None
+
+
+def _prune(keep):
+    """Remove the least recently used folders of CACHE (see _core) until it holds at most CACHE_LIMIT bytes;
+    `keep`, and the temporary folders of conversions in progress, stay."""
+    folders = []
+    for entry in os.scandir(CACHE):
+        if entry.is_dir() and entry.path != keep and not entry.name.startswith("tmp"):
+            size = sum(f.stat().st_size for f in os.scandir(entry.path) if f.is_file())
+            folders.append((entry.stat().st_mtime, size, entry.path))
+    total = sum(size for _, size, _ in folders) + sum(f.stat().st_size for f in os.scandir(keep) if f.is_file())
+    for _, size, path in sorted(folders):
+        if total <= CACHE_LIMIT:
+            break
+        shutil.rmtree(path, ignore_errors=True)
+        total -= size
 
 
 def fingerprint(model) -> str:
@@ -88,7 +111,10 @@ class _Network:
 
 
 def _core(folder):
+    """An OpenVINO Core that keeps its compiled networks in `folder`, marked as just used (see _prune)."""
     import openvino as ov
+    with contextlib.suppress(OSError):  # a read-only cache still runs
+        os.utime(folder)
     core = ov.Core()
     core.set_property({"CACHE_DIR": folder})
     return core
@@ -101,8 +127,7 @@ class OpenVINORuntime:
 
     def __init__(self, model):
         import openvino as ov
-        key = f"{fingerprint(model)}:{ov.__version__}"
-        folder = os.path.join(CACHE, hashlib.sha1(key.encode()).hexdigest()[:16])
+        folder = os.path.join(CACHE, _key(CODE, f"{fingerprint(model)}:{ov.__version__}"))
         if not os.path.exists(os.path.join(folder, "unet.xml")):
             self._convert(model, folder)
         self.core = _core(folder)
@@ -186,11 +211,10 @@ def convert_sampler(model, folder):
     _save_whole(folder, {"sampler": network}, {"config": model.config.to_dict(), "draws": len(shapes)})
 
 
-def _sampler_key(checkpoint, version) -> str:
-    """A hash of the checkpoint file, of the code its sampling is traced from and saved by (a changed sampler is
-    converted again) and of OpenVINO's version: 30 ms for a 20 MB checkpoint."""
-    h = hashlib.sha1(version.encode())
-    for path in (checkpoint, *(os.path.join(HERE, f) for f in ("model.py", "unet.py", "runtime.py"))):
+def _key(paths, extra) -> str:
+    """A hash of the string `extra` and of the files at `paths`: 30 ms for a 20 MB checkpoint."""
+    h = hashlib.sha1(extra.encode())
+    for path in paths:
         try:
             with open(path, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
@@ -208,7 +232,7 @@ def converted_sampler(checkpoint):
         import openvino as ov
     except ImportError:
         return None
-    folder = os.path.join(CACHE, "sampler-" + _sampler_key(checkpoint, ov.__version__))
+    folder = os.path.join(CACHE, "sampler-" + _key((checkpoint, *CODE), ov.__version__))
     if not os.path.exists(os.path.join(folder, "meta.json")):
         from model import load_model
         model = load_model(checkpoint)

@@ -90,6 +90,42 @@ def wait_for_new_samples(page, before, timeout=120_000) -> list[str]:
     return sample_urls(page)
 
 
+def upload(page, path):
+    """Choose a photo in the photo input's file dialog; wait until the page shows it, and its hints view (new
+    pictures, where another photo was shown before)."""
+    shown = "() => ['#photo img', '#hint-view img'].map(s => document.querySelector(s)?.getAttribute('src'))"
+    before = page.evaluate(shown)
+    page.set_input_files("#photo input[type=file]", path)
+    page.wait_for_function(f"old => ({shown})().every((src, i) => src && src !== old[i])", arg=before,
+                           timeout=120_000)
+
+
+def timed_colorize(page, timeout=600) -> float:
+    """Press Colorize; the seconds, timed in the page, until every result picture (the before/after view and the
+    gallery) is new and decoded: what a user waits for, the photo being uploaded already."""
+    return page.evaluate("""timeout => new Promise((resolve, reject) => {
+        // checked on every change to the page and every picture loaded, not polled: a poll would take CPU from
+        // the server on the same machine
+        const shown = () => [...document.querySelectorAll('#comparison img, #samples img')];
+        const before = shown().map(i => i.getAttribute('src')).join();
+        const check = () => {
+            const now = shown();
+            if (now.length && now.map(i => i.getAttribute('src')).join() !== before &&
+                now.every(i => i.complete && i.naturalWidth > 0)) {
+                observer.disconnect();
+                document.removeEventListener('load', check, true);
+                resolve((performance.now() - t0) / 1000);
+            }
+        };
+        const observer = new MutationObserver(check);
+        observer.observe(document.body, {subtree: true, childList: true, attributes: true});
+        document.addEventListener('load', check, true);
+        setTimeout(() => reject(new Error('no result within ' + timeout + ' s')), timeout * 1000);
+        const t0 = performance.now();
+        [...document.querySelectorAll('button')].find(b => b.textContent.trim() === 'Colorize').click();
+    })""", timeout)
+
+
 def set_samples(page, n):
     box = page.locator("#samples-count input[type=number]")
     box.fill(str(n))

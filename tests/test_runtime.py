@@ -134,6 +134,22 @@ def test_the_converted_sampler_samples_as_the_checkpoint_does(tiny_checkpoint, m
     assert runtime.converted_sampler(path).draws == 3
 
 
+def test_a_conversion_keeps_the_cache_within_its_limit(monkeypatch, tmp_path):
+    """After a conversion the least recently used folders go until the cache holds CACHE_LIMIT bytes: the new
+    one stays, a conversion in progress (tmp...) stays, and a folder opened for running counts as used."""
+    monkeypatch.setattr(runtime, "CACHE", str(tmp_path))
+    monkeypatch.setattr(runtime, "CACHE_LIMIT", 2500)
+    for name, used in (("in_use", 100), ("older", 200), ("old", 300), ("tmp_converting", 50)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "sampler.bin").write_bytes(bytes(1000))
+        os.utime(tmp_path / name, (used, used))
+    runtime._core(str(tmp_path / "in_use"))  # opened now: the most recently used
+    runtime._save_whole(str(tmp_path / "new"), {}, {"draws": None})
+    assert sorted(os.listdir(tmp_path)) == ["in_use", "new", "old", "tmp_converting"]  # 2000 bytes and meta.json
+    runtime._save_whole(str(tmp_path / "newer"), {}, {"draws": None})  # within the limit: nothing goes
+    assert sorted(os.listdir(tmp_path)) == ["in_use", "new", "newer", "old", "tmp_converting"]
+
+
 def test_the_default_command_runs_without_pytorch(tiny_checkpoint, tmp_path):
     """The command's default (the checkpoint's own sampling, on a CPU) converts the sampler once; from then on it
     never imports PyTorch, and gives the same photo, bit for bit, as the run that converted it. A sampling flag
