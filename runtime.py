@@ -31,6 +31,7 @@ CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.
 # what CACHE may hold after a conversion: each checkpoint, and each version of this code, converts into a folder
 # of its own (20-50 MB, and about 25 MB more per input shape compiled), so the least recently used go
 CACHE_LIMIT = 2 << 30
+IN_PROGRESS = "tmp"  # the prefix of a folder a conversion is still writing (see _save_whole, _prune)
 # what a conversion is traced from and saved by: a change to any of them converts again (see _key)
 CODE = tuple(os.path.join(HERE, f) for f in ("model.py", "unet.py", "runtime.py"))
 
@@ -45,7 +46,7 @@ def _save_whole(folder, networks, extra=None):
     import openvino as ov
     try:
         os.makedirs(CACHE, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=CACHE)
+        tmp = tempfile.mkdtemp(dir=CACHE, prefix=IN_PROGRESS)
         try:
             for name, network in networks.items():
                 ov.save_model(network, os.path.join(tmp, f"{name}.xml"))
@@ -65,13 +66,12 @@ def _save_whole(folder, networks, extra=None):
 def _prune(keep):
     """Remove the least recently used folders of CACHE (see _core) until it holds at most CACHE_LIMIT bytes;
     `keep`, and the temporary folders of conversions in progress, stay."""
-    folders = []
-    for entry in os.scandir(CACHE):
-        if entry.is_dir() and entry.path != keep and not entry.name.startswith("tmp"):
-            size = sum(f.stat().st_size for f in os.scandir(entry.path) if f.is_file())
-            folders.append((entry.stat().st_mtime, size, entry.path))
-    total = sum(size for _, size, _ in folders) + sum(f.stat().st_size for f in os.scandir(keep) if f.is_file())
-    for _, size, path in sorted(folders):
+    def nbytes(folder):
+        return sum(f.stat().st_size for f in os.scandir(folder) if f.is_file())
+    folders = sorted((entry.stat().st_mtime, nbytes(entry.path), entry.path) for entry in os.scandir(CACHE)
+                     if entry.is_dir() and entry.path != keep and not entry.name.startswith(IN_PROGRESS))
+    total = sum(size for _, size, _ in folders) + nbytes(keep)
+    for _, size, path in folders:  # least recently used first
         if total <= CACHE_LIMIT:
             break
         shutil.rmtree(path, ignore_errors=True)
