@@ -12,8 +12,10 @@ it follows. Requests are queued, so several users can share one model; the model
 import math
 import os
 import random
+import signal
 import sys
 import tempfile
+import time
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry, no version check: works offline
 
@@ -196,7 +198,9 @@ def build_demo(model, runtime=None) -> gr.Blocks:
         hints = hints + [(round(evt.index[0] / zoom), round(evt.index[1] / zoom), parse_colour(colour))]
         return show_hints(photo, hints), hints
 
-    with gr.Blocks(title="Color Diffusion", analytics_enabled=False) as demo:
+    # every upload and result lies in Gradio's temporary folder: files older than a day go each hour, the rest
+    # when the page stops
+    with gr.Blocks(title="Color Diffusion", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         gr.Markdown("# Color Diffusion\nColorize a greyscale photo: upload, drop or paste one "
                     "(or click an example), then press **Colorize**. Each sample is a different guess.")
         with gr.Row():
@@ -283,9 +287,18 @@ def main():
     demo = build_demo(model, runtime=runtime)
     demo.queue()
     try:
-        demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_FILE_SIZE)
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_FILE_SIZE,
+                    prevent_thread_lock=True)
     except OSError as e:  # e.g. the port is taken
         sys.exit(f"error: {e}")
+    # stopped by Ctrl-C or a service manager's SIGTERM, the page closes in full, which removes its files (Gradio's
+    # own wait closes only the server, and leaves them)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        demo.close()
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ from utils import CheckpointError, cpu_has_bf16
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAX_CONVERTED_STEPS = 16  # a converted sampler unrolls every UNet pass: the shipped teacher's 3 steps are 8 passes
 CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "color-diffusion")
-# what CACHE may hold after a conversion: each checkpoint, and each version of this code, converts into a folder
-# of its own (20-50 MB, and about 25 MB more per input shape compiled), so the least recently used go
+# what CACHE may hold after a conversion or a compile: each checkpoint, and each version of this code, converts
+# into a folder of its own (20-50 MB, and about 25 MB more per input shape compiled), so the least recently used go
 CACHE_LIMIT = 2 << 30
 IN_PROGRESS = "tmp"  # the prefix of a folder a conversion is still writing (see _save_whole, _prune)
 # what a conversion is traced from and saved by: a change to any of them converts again (see _key)
@@ -64,18 +64,25 @@ def _save_whole(folder, networks, extra=None):
 
 
 def _prune(keep):
-    """Remove the least recently used folders of CACHE (see _core) until it holds at most CACHE_LIMIT bytes;
-    `keep`, and the temporary folders of conversions in progress, stay."""
+    """Remove the least recently used of CACHE until it holds at most CACHE_LIMIT bytes: other folders whole (see
+    _core), then `keep`'s own compiled blobs, oldest first (a blob removed is compiled again if needed); `keep`'s
+    networks, and conversions in progress, stay."""
     def nbytes(folder):
         return sum(f.stat().st_size for f in os.scandir(folder) if f.is_file())
-    folders = sorted((entry.stat().st_mtime, nbytes(entry.path), entry.path) for entry in os.scandir(CACHE)
-                     if entry.is_dir() and entry.path != keep and not entry.name.startswith(IN_PROGRESS))
-    total = sum(size for _, size, _ in folders) + nbytes(keep)
-    for _, size, path in folders:  # least recently used first
-        if total <= CACHE_LIMIT:
-            break
-        shutil.rmtree(path, ignore_errors=True)
-        total -= size
+    with contextlib.suppress(OSError):  # best effort: another process may be pruning too
+        others = sorted((entry.stat().st_mtime, nbytes(entry.path), entry.path) for entry in os.scandir(CACHE)
+                        if entry.is_dir() and entry.path != keep and not entry.name.startswith(IN_PROGRESS))
+        blobs = sorted((f.stat().st_mtime, f.stat().st_size, f.path) for f in os.scandir(keep)
+                       if f.name.endswith(".blob"))
+        total = sum(size for _, size, _ in others) + nbytes(keep)
+        for _, size, path in others + blobs:
+            if total <= CACHE_LIMIT:
+                break
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
+            total -= size
 
 
 def fingerprint(model) -> str:
@@ -96,6 +103,7 @@ class _Network:
 
     def __init__(self, core, xml):
         self.core, self.network, self.requests = core, core.read_model(xml), {}
+        self.folder = os.path.dirname(xml)
         self.outputs = len(self.network.outputs)
 
     def __call__(self, *inputs):
@@ -103,8 +111,11 @@ class _Network:
         if shapes not in self.requests:
             network = self.network.clone()
             network.reshape({port: shape for port, shape in zip(network.inputs, shapes)})
-            config = {"INFERENCE_PRECISION_HINT": _precision()}
+            # unpinned threads: pinned ones wait for a core that another process holds (the page's browser: a
+            # face 0.21 s against 0.24 s after Colorize, docs/experiments.md section 37); alone, no difference
+            config = {"INFERENCE_PRECISION_HINT": _precision(), "ENABLE_CPU_PINNING": False}
             self.requests[shapes] = self.core.compile_model(network, "CPU", config).create_infer_request()
+            _prune(self.folder)  # each shape compiled adds a blob of about 25 MB to the cache
         request = self.requests[shapes]
         request.infer(list(inputs))
         return [request.get_output_tensor(k).data.copy() for k in range(self.outputs)]

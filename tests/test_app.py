@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from browser import (CHROMIUM, add_hint, colorize_and_wait, launch_chromium, open_app, running_app,  # noqa: E402
                      sample_urls, set_samples, wait_for_new_samples)
 from conftest import open_image  # noqa: E402
-from app import GUIDANCE_RANGE, PREVIEW_SIZE  # noqa: E402
+from app import GUIDANCE_RANGE, PREVIEW_SIZE, example_photos  # noqa: E402
 from inference import DEFAULT_CHECKPOINT  # noqa: E402
 from model import load_checkpoint  # noqa: E402
 
@@ -215,6 +215,22 @@ def test_the_default_students_page_takes_what_its_own_sliders_send(files):
             start=c["sample_min_signal"], guidance=c["guidance"], guidance_first=c["guidance_first"], num_samples=1,
             seed=0, random_seed=False, dynamic_thresholding=False, api_name="/run")
     assert len(samples) == 1 and seed == 0
+
+
+def test_the_page_removes_its_uploads_and_results_when_it_stops(files, tmp_path, monkeypatch):
+    """Every upload and result lies in Gradio's temporary folder: a page stopped as a service manager stops it
+    (SIGTERM) leaves none of them behind."""
+    from gradio_client import Client, handle_file
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # running_app passes the environment on
+
+    def kept():
+        return sorted(f for _, _, names in os.walk(tmp_path) for f in names)
+    with running_app(files / "tiny.pt") as url:
+        Client(url, verbose=False).predict(
+            handle_file(str(files / "grey.png")), sampler="ddim", steps=2, start=0.04, guidance=1.5,
+            guidance_first=0, num_samples=1, seed=0, random_seed=False, dynamic_thresholding=False, api_name="/run")
+        assert {"grey.png", "grey_color.png"} <= set(kept())
+    assert kept() == sorted(os.path.basename(p) for p in example_photos())  # the page's examples stay
 
 
 @pytest.mark.parametrize("checkpoint", ["missing.pt", "not_an_image.png"])

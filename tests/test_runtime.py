@@ -53,6 +53,9 @@ def test_openvino_matches_torch(tiny, monkeypatch):
         if w is not None:  # and the scale matters
             assert (ov.unet(x, t, feats, w + 1) - out).abs().max() > 0.1 * ref.abs().max()
     assert len(ov._unet.requests) == len(ov._encoder.requests) == 2
+    # threads not pinned to cores: pinned, they wait for a core that another process holds
+    for request in [*ov._unet.requests.values(), *ov._encoder.requests.values()]:
+        assert request.get_compiled_model().get_property("ENABLE_CPU_PINNING") is False
     # a second instance, of the same weights loaded again, reads the converted networks from the cache
     import openvino
     monkeypatch.setattr(openvino, "convert_model", None)
@@ -148,6 +151,31 @@ def test_a_conversion_keeps_the_cache_within_its_limit(monkeypatch, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["in_use", "new", "old", "tmp_converting"]  # 2000 bytes and meta.json
     runtime._save_whole(str(tmp_path / "newer"), {}, {"draws": None})  # within the limit: nothing goes
     assert sorted(os.listdir(tmp_path)) == ["in_use", "new", "newer", "old", "tmp_converting"]
+
+
+def test_compiling_a_shape_keeps_the_cache_within_its_limit(monkeypatch, tmp_path):
+    """Each shape compiled adds a blob to its folder (a folder of photos of many shapes, thousands of MB): other
+    folders go first, then the folder's own blobs, oldest first; its networks stay, and it still runs."""
+    import openvino as ov
+    import openvino.opset13 as ops
+    monkeypatch.setattr(runtime, "CACHE", str(tmp_path))
+    x = ops.parameter([-1, 4], np.float32)
+    (tmp_path / "net").mkdir()
+    ov.save_model(ov.Model([ops.relu(x)], [x]), str(tmp_path / "net" / "net.xml"))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "sampler.bin").write_bytes(bytes(1000))
+    os.utime(tmp_path / "other", (100, 100))
+    network = runtime._Network(runtime._core(str(tmp_path / "net")), str(tmp_path / "net" / "net.xml"))
+    network(np.ones((1, 4), np.float32))
+    blobs = [f for f in os.listdir(tmp_path / "net") if f.endswith(".blob")]
+    assert len(blobs) == 1 and os.path.isdir(tmp_path / "other")  # within the limit: nothing went
+    os.utime(tmp_path / "net" / blobs[0], (200, 200))  # an old blob
+    blob = (tmp_path / "net" / blobs[0]).stat().st_size  # room for the networks and one and a half blobs
+    monkeypatch.setattr(runtime, "CACHE_LIMIT", sum(f.stat().st_size for f in os.scandir(tmp_path / "net")) + blob // 2)
+    assert network(-np.ones((2, 4), np.float32))[0].tolist() == [[0] * 4] * 2  # a second shape, compiled
+    left = sorted(os.listdir(tmp_path / "net"))
+    assert not os.path.exists(tmp_path / "other") and blobs[0] not in left  # the other folder, the old blob
+    assert "net.xml" in left and "net.bin" in left and len([f for f in left if f.endswith(".blob")]) == 1
 
 
 def test_the_default_command_runs_without_pytorch(tiny_checkpoint, tmp_path):
