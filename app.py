@@ -295,8 +295,8 @@ def main():
     # own wait closes only the server, and leaves them)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        while True:
-            time.sleep(1)
+        while demo.is_running:
+            time.sleep(0.5)
     except KeyboardInterrupt:
         demo.close()
 

@@ -226,7 +226,7 @@ def test_the_page_removes_its_uploads_and_results_when_it_stops(files, tmp_path,
     def kept():
         return sorted(f for _, _, names in os.walk(tmp_path) for f in names)
     with running_app(files / "tiny.pt") as url:
-        Client(url, verbose=False).predict(
+        Client(url, verbose=False, download_files=False).predict(
             handle_file(str(files / "grey.png")), sampler="ddim", steps=2, start=0.04, guidance=1.5,
             guidance_first=0, num_samples=1, seed=0, random_seed=False, dynamic_thresholding=False, api_name="/run")
         assert {"grey.png", "grey_color.png"} <= set(kept())
